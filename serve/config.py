@@ -1,0 +1,166 @@
+"""Typed configuration of the Serve application, parsed once at the edge.
+
+Everything a Serve config file (``applications[].args``) or a RayService ``serveConfigV2`` can say about
+amalia-serve is declared here. Unknown keys are errors, so a typo in YAML fails the deploy loudly
+instead of silently falling back to a default. This module imports neither Ray nor torch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from amalia_serve.constants import DEFAULT_SYSTEM_PROMPT
+
+VARIANT_NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+
+
+class AmaliaModel(BaseModel):
+    """Base for every config object: unknown keys are refused."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    @classmethod
+    def from_yaml(cls, text: str) -> "AmaliaModel":
+        return cls.model_validate(yaml.safe_load(text))
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "AmaliaModel":
+        return cls.from_yaml(Path(path).read_text(encoding="utf-8"))
+
+
+class EngineConfig(AmaliaModel):
+    """How one variant's engine loads its checkpoint and schedules requests."""
+
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights dtype; `auto` is bfloat16 on a GPU and float32 on the CPU."
+    )
+    device: str = Field("auto", description="`auto` (cuda when present, else cpu), `cpu`, `cuda`, `cuda:1`.")
+    max_batch_size: int = Field(16, ge=1, le=1024, description="Requests decoded together in one step.")
+    max_queue_size: int = Field(
+        64, ge=0, description="Requests waiting for a batch slot before new ones get HTTP 429."
+    )
+    max_model_len: int | None = Field(
+        None, ge=16, description="Context window in tokens; defaults to the checkpoint's max_position_embeddings."
+    )
+    default_max_tokens: int = Field(
+        512, ge=1, description="max_tokens when a request gives none (capped by the free context)."
+    )
+    system_prompt: str | None = Field(
+        DEFAULT_SYSTEM_PROMPT,
+        description="System message prepended to chats that have none; null turns it off. AMALIA invents "
+        "personas without one.",
+    )
+    torch_threads: int | None = Field(
+        None, ge=1, description="torch intra-op threads on CPU; defaults to the replica's num_cpus."
+    )
+    max_prefill_tokens: int = Field(
+        4096, ge=16, description="Prompt tokens admitted into one prefill step, so long prompts do not stall decode."
+    )
+
+
+class DeploymentOptions(AmaliaModel):
+    """The Ray Serve deployment options we expose; Serve itself validates their contents again."""
+
+    num_replicas: int | None = Field(None, ge=1, description="Fixed replica count; omit when autoscaling.")
+    autoscaling_config: dict[str, Any] | None = Field(
+        None, description="Serve autoscaling_config (min_replicas, max_replicas, target_ongoing_requests, ...)."
+    )
+    max_ongoing_requests: int = Field(64, ge=1, description="Requests one replica accepts at once.")
+    max_queued_requests: int = Field(
+        -1, ge=-1, description="Requests the callers queue for this deployment before rejecting; -1 is unbounded."
+    )
+    ray_actor_options: dict[str, Any] = Field(
+        default_factory=lambda: {"num_cpus": 1},
+        description="Ray actor options: num_cpus, num_gpus, memory, resources, runtime_env, ...",
+    )
+    health_check_period_s: float | None = Field(None, gt=0)
+    graceful_shutdown_timeout_s: float | None = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _replicas_or_autoscaling(self) -> "DeploymentOptions":
+        if self.num_replicas is not None and self.autoscaling_config is not None:
+            raise ValueError("set num_replicas or autoscaling_config, not both")
+        gpus = self.ray_actor_options.get("num_gpus")
+        if gpus is not None and (not isinstance(gpus, (int, float)) or gpus < 0):
+            raise ValueError(f"ray_actor_options.num_gpus must be a number >= 0, got {gpus!r}")
+        return self
+
+    def serve_options(self) -> dict[str, Any]:
+        """The keyword arguments for ``Deployment.options``."""
+        return self.model_dump(exclude_none=True)
+
+
+class VariantConfig(AmaliaModel):
+    """One model version, served by its own Serve deployment of the same name."""
+
+    name: str = Field(
+        ...,
+        pattern=VARIANT_NAME_PATTERN,
+        description="Served model id and Serve deployment name, e.g. `amalia-sft`.",
+    )
+    model_path: str = Field(
+        ..., min_length=1, description="Local checkpoint directory (PVC mount) or a local HF cache snapshot."
+    )
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
+
+
+class RoutingConfig(AmaliaModel):
+    """Traffic split of the model alias over the variants: the ingress deployment's user_config."""
+
+    weights: dict[str, int] = Field(
+        default_factory=dict,
+        description="Variant name -> relative weight (>= 0). Empty means all traffic to the first variant.",
+    )
+
+    @field_validator("weights")
+    @classmethod
+    def _non_negative(cls, weights: dict[str, int]) -> dict[str, int]:
+        negative = {name: w for name, w in weights.items() if w < 0}
+        if negative:
+            raise ValueError(f"weights must be >= 0, got {negative}")
+        if weights and sum(weights.values()) == 0:
+            raise ValueError("at least one weight must be > 0")
+        return weights
+
+
+class IngressConfig(AmaliaModel):
+    """The OpenAI-compatible front deployment."""
+
+    deployment: DeploymentOptions = Field(
+        default_factory=lambda: DeploymentOptions(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=256)
+    )
+    max_request_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Larger bodies get HTTP 413.")
+    ready_timeout_s: float = Field(2.0, gt=0, description="How long /readyz waits for each variant.")
+
+
+class AmaliaServingArgs(AmaliaModel):
+    """The whole application: ``amalia_serve.app:build_app`` takes exactly this as its args."""
+
+    model_alias: str = Field(
+        "amalia", pattern=VARIANT_NAME_PATTERN, description="Model name that is routed over the variants."
+    )
+    variants: list[VariantConfig] = Field(..., min_length=1)
+    routing: RoutingConfig = Field(default_factory=RoutingConfig)
+    ingress: IngressConfig = Field(default_factory=IngressConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "AmaliaServingArgs":
+        names = [v.name for v in self.variants]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"duplicate variant names: {duplicates}")
+        if self.model_alias in names:
+            raise ValueError(f"model_alias {self.model_alias!r} must differ from every variant name")
+        unknown = sorted(set(self.routing.weights) - set(names))
+        if unknown:
+            raise ValueError(f"routing.weights name unknown variants {unknown}; variants are {names}")
+        return self
+
+    @property
+    def variant_names(self) -> list[str]:
+        return [v.name for v in self.variants]

@@ -1,0 +1,308 @@
+"""The OpenAI-compatible front door: HTTP request -> validation -> route decision -> variant handle -> response.
+
+Status codes: 400 malformed JSON or a request the engine refuses (context overflow, ...), 404 unknown model or
+route, 413 body too large, 422 a body that breaks the request schema (wrong type, empty messages, max_tokens < 1),
+429 a variant's queue is full, 503 no variant replica can take the request. Every error has OpenAI's shape.
+
+No `from __future__ import annotations` here: FastAPI reads the route signatures at runtime, and Serve's
+class-based ingress cannot resolve postponed (string) annotations such as `request: Request`.
+"""
+
+
+import asyncio
+import json
+import logging
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+from ray import serve
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from amalia_serve import openai_schema as oai
+from amalia_serve.config import AmaliaServingArgs, RoutingConfig
+from amalia_serve.constants import SESSION_HEADER, VARIANT_HEADER
+from amalia_serve.engine import EngineOutput
+from amalia_serve.metrics import IngressMetrics
+from amalia_serve.protocol import GenerationFailure, GenerationRequest, Operation
+from amalia_serve.routing import RouteDecision, TrafficSplit, UnknownVariantError
+
+logger = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    def __init__(
+        self, status: int, message: str, error_type: str = "invalid_request_error",
+        param: str | None = None, code: str | None = None,
+    ) -> None:  # fmt: skip
+        super().__init__(message)
+        self.status, self.message, self.error_type, self.param, self.code = (
+            status, message, error_type, param, code,
+        )  # fmt: skip
+
+    def response(self, headers: dict[str, str] | None = None) -> JSONResponse:
+        return JSONResponse(
+            oai.error_body(self.message, self.error_type, self.param, self.code),
+            status_code=self.status,
+            headers=headers,
+        )
+
+
+api = FastAPI(
+    title="amalia-serve",
+    description="OpenAI-compatible API for AMALIA model variants",
+    version="0.1.0",
+    docs_url=None,
+    redoc_url=None,
+)
+
+
+@api.exception_handler(ApiError)
+async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+    return exc.response()
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    error_type = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+    return ApiError(exc.status_code, str(exc.detail), error_type).response()
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    return _schema_error(exc.errors()).response()
+
+
+@api.exception_handler(Exception)
+async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    # Never a stack trace to the caller; the log has it.
+    logger.exception("unhandled error")
+    return ApiError(500, "internal server error", "server_error").response()
+
+
+def _schema_error(errors: Any) -> ApiError:
+    first = errors[0]
+    param = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
+    return ApiError(422, f"{param or 'body'}: {first.get('msg', 'invalid value')}", param=param,
+                    code=str(first.get("type", "invalid_value")))  # fmt: skip
+
+
+def _sse(payload: dict[str, Any] | str) -> bytes:
+    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
+    return f"data: {data}\n\n".encode()
+
+
+@serve.deployment
+@serve.ingress(api)
+class AmaliaIngress:
+    """Routes each request to one variant deployment and speaks OpenAI's wire format."""
+
+    def __init__(self, args: AmaliaServingArgs, variants: dict[str, DeploymentHandle]) -> None:
+        self.args = args
+        self.variant_names = args.variant_names
+        self.handles = {name: h.options(stream=True) for name, h in variants.items()}
+        self.ready_handles = variants
+        self.split = TrafficSplit(self.variant_names, args.routing.weights)
+        self.rng = random.Random()
+        self.metrics = IngressMetrics()
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """New traffic weights, applied without a restart; invalid ones raise and the old split stays."""
+        routing = RoutingConfig.model_validate(user_config)
+        self.split = TrafficSplit(self.variant_names, routing.weights)
+        logger.info("traffic weights now %s", self.split.weights)
+
+    # ---- routes ----------------------------------------------------------------------------------------------
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    @api.get("/readyz")
+    async def readyz(self) -> JSONResponse:
+        async def probe(name: str) -> bool:
+            try:
+                return bool(
+                    await asyncio.wait_for(
+                        self.ready_handles[name].ready.remote(), self.args.ingress.ready_timeout_s
+                    )
+                )
+            except Exception:
+                return False
+
+        results = await asyncio.gather(*(probe(n) for n in self.variant_names))
+        variants = dict(zip(self.variant_names, results))
+        ready = all(results)
+        return JSONResponse(
+            {"status": "ready" if ready else "not ready", "variants": variants},
+            status_code=200 if ready else 503,
+        )
+
+    @api.get("/v1/models")
+    async def models(self) -> dict[str, Any]:
+        return oai.model_list([self.args.model_alias, *self.variant_names])
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._complete(request, "chat")
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request) -> Response:
+        return await self._complete(request, "text_completion")
+
+    # ---- request path ----------------------------------------------------------------------------------------
+
+    async def _complete(self, request: Request, operation: Operation) -> Response:
+        started = time.monotonic()
+        decision: RouteDecision | None = None
+        try:
+            body = await self._parse(request, operation)
+            decision = self._route(body, request)
+            response = await self._generate(body, decision, operation, started)
+        except ApiError as exc:
+            response = exc.response({VARIANT_HEADER: decision.variant} if decision else None)
+        if decision is not None and not isinstance(response, StreamingResponse):
+            self.metrics.record_request(
+                decision.variant, response.status_code, time.monotonic() - started, decision.reason.value
+            )
+        return response
+
+    async def _parse(
+        self, request: Request, operation: Operation
+    ) -> oai.ChatCompletionRequest | oai.CompletionRequest:
+        limit = self.args.ingress.max_request_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise ApiError(413, f"request body is {declared} bytes; the limit is {limit}",
+                           code="request_too_large")  # fmt: skip
+        raw = await request.body()
+        if len(raw) > limit:
+            raise ApiError(413, f"request body is {len(raw)} bytes; the limit is {limit}", code="request_too_large")
+        try:
+            payload = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            raise ApiError(400, "the request body is not valid JSON", code="invalid_json") from None
+        if not isinstance(payload, dict):
+            raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
+        schema = oai.ChatCompletionRequest if operation == "chat" else oai.CompletionRequest
+        try:
+            return schema.model_validate(payload)
+        except ValidationError as exc:
+            raise _schema_error(exc.errors()) from None
+
+    def _route(
+        self, body: oai.ChatCompletionRequest | oai.CompletionRequest, request: Request
+    ) -> RouteDecision:
+        if body.model != self.args.model_alias and body.model not in self.handles:
+            raise ApiError(404, f"The model `{body.model}` does not exist. Available: "
+                           f"{', '.join([self.args.model_alias, *self.variant_names])}",
+                           "not_found_error", "model", "model_not_found")  # fmt: skip
+        try:
+            return self.split.choose(
+                model=body.model,
+                header_variant=request.headers.get(VARIANT_HEADER),
+                sticky_key=body.user or request.headers.get(SESSION_HEADER),
+                rng=self.rng,
+            )
+        except UnknownVariantError as exc:
+            raise ApiError(400, str(exc), param=VARIANT_HEADER, code="unknown_variant") from None
+
+    async def _generate(
+        self,
+        body: oai.ChatCompletionRequest | oai.CompletionRequest,
+        decision: RouteDecision,
+        operation: Operation,
+        started: float,
+    ) -> Response:
+        rid = ("chatcmpl-" if operation == "chat" else "cmpl-") + uuid.uuid4().hex
+        generation = GenerationRequest(
+            request_id=rid,
+            operation=operation,
+            sampling=body.sampling(),
+            messages=body.message_dicts() if isinstance(body, oai.ChatCompletionRequest) else None,
+            prompt=body.prompt_text() if isinstance(body, oai.CompletionRequest) else None,
+        )
+        stream = self.handles[decision.variant].generate.remote(generation)
+        try:
+            first = await stream.__anext__()
+        except BackPressureError:
+            stream.cancel()
+            raise ApiError(429, f"variant {decision.variant} is at capacity; retry later", "rate_limit_error",
+                           code="variant_overloaded") from None  # fmt: skip
+        except Exception:
+            logger.exception("variant %s failed", decision.variant)
+            stream.cancel()
+            raise ApiError(503, f"variant {decision.variant} is unavailable", "service_unavailable",
+                           code="variant_unavailable") from None  # fmt: skip
+        if isinstance(first, GenerationFailure):
+            raise ApiError(first.status, first.message, first.error_type, first.param, first.code)
+        self.metrics.record_first_token(decision.variant, time.monotonic() - started)
+        headers = {VARIANT_HEADER: decision.variant}
+        if body.stream:
+            events = self._stream_events(body, decision, operation, rid, first, stream, started)
+            return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+        text, last = [first.text], first
+        async for out in stream:
+            text.append(out.text)
+            last = out
+        used = oai.usage(last.prompt_tokens, last.output_tokens)
+        if operation == "chat":
+            payload = oai.chat_completion(rid, decision.variant, "".join(text), last.finish_reason, used)
+        else:
+            payload = oai.text_completion(
+                rid, decision.variant, "".join(text), last.finish_reason, used, int(time.time())
+            )
+        return JSONResponse(payload, headers=headers)
+
+    async def _stream_events(
+        self,
+        body: oai.ChatCompletionRequest | oai.CompletionRequest,
+        decision: RouteDecision,
+        operation: Operation,
+        rid: str,
+        first: EngineOutput,
+        stream: Any,
+        started: float,
+    ) -> AsyncIterator[bytes]:
+        model, created = decision.variant, int(time.time())
+        status = 200
+        try:
+            if operation == "chat":
+                yield _sse(oai.chat_chunk(rid, model, created, {"role": "assistant", "content": ""}, None))
+            last = first
+            out: EngineOutput | None = first
+            while out is not None:
+                last = out
+                if out.text or out.finish_reason:
+                    yield _sse(self._chunk(operation, rid, model, created, out))
+                out = await anext(stream, None)
+            if body.include_usage_in_stream:
+                obj = "chat.completion.chunk" if operation == "chat" else "text_completion"
+                used = oai.usage(last.prompt_tokens, last.output_tokens)
+                yield _sse(oai.usage_chunk(rid, model, created, obj, used))
+            yield _sse("[DONE]")
+        except asyncio.CancelledError:
+            status = 499  # client closed the connection (nginx's convention)
+            raise
+        except Exception:
+            status = 500
+            logger.exception("stream from variant %s failed", model)
+            yield _sse(oai.error_body("the stream was interrupted", "server_error"))
+        finally:
+            stream.cancel()
+            self.metrics.record_request(model, status, time.monotonic() - started, decision.reason.value)
+
+    @staticmethod
+    def _chunk(operation: Operation, rid: str, model: str, created: int, out: EngineOutput) -> dict[str, Any]:
+        if operation == "chat":
+            delta = {"content": out.text} if out.text else {}
+            return oai.chat_chunk(rid, model, created, delta, out.finish_reason)
+        return oai.text_completion(rid, model, out.text, out.finish_reason, None, created)

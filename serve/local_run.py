@@ -1,0 +1,122 @@
+"""Run a Serve config (the same YAML a RayService's serveConfigV2 holds) on a local Ray cluster.
+
+This is what `make run` and the integration tests use. It follows `serve run CONFIG` (Ray 2.60's
+`ray/serve/scripts.py`): `serve_start` + `deploy_apps` of a validated `ServeDeploySchema`, which keeps the
+`deployments` overrides (the ingress weights) that a plain `serve.run(app)` would drop.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from amalia_serve.constants import INGRESS_DEPLOYMENT_NAME
+
+logger = logging.getLogger(__name__)
+
+SERVE_NAMESPACE = "serve"
+
+
+def load_serve_config(path: str | Path) -> dict[str, Any]:
+    return dict(yaml.safe_load(Path(path).read_text(encoding="utf-8")))
+
+
+def resolve_model_paths(config: dict[str, Any], base_dir: str | Path) -> dict[str, Any]:
+    """Make relative `model_path`s absolute: replicas do not run in the directory the config came from."""
+    resolved = copy.deepcopy(config)
+    for app in resolved.get("applications", []):
+        for variant in (app.get("args") or {}).get("variants", []):
+            path = Path(variant.get("model_path", ""))
+            if variant.get("model_path") and not path.is_absolute() and (Path(base_dir) / path).exists():
+                variant["model_path"] = str((Path(base_dir) / path).resolve())
+    return resolved
+
+
+def start_local_ray(num_cpus: int | None = None, dashboard: bool = True) -> None:
+    """A laptop-local Ray: auth off and the dashboard (which `serve deploy` talks to) on loopback only."""
+    import ray
+
+    # Ray 2.60 enables token auth for new local clusters; on loopback it only gets in a newcomer's way.
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if ray.is_initialized():
+        return
+    ray.init(
+        namespace=SERVE_NAMESPACE,
+        num_cpus=num_cpus,
+        include_dashboard=dashboard,
+        dashboard_host="127.0.0.1",
+        logging_level=logging.WARNING,
+    )
+
+
+def deploy_config(config: dict[str, Any]) -> None:
+    """Deploy every application of a Serve config (validated by Ray's own ServeDeploySchema)."""
+    from ray.serve._private import api as serve_private_api
+    from ray.serve.config import gRPCOptions
+    from ray.serve.schema import ServeDeploySchema
+
+    schema = ServeDeploySchema.model_validate(config)
+    client = serve_private_api.serve_start(
+        http_options=schema.http_options.model_dump(),
+        proxy_location=schema.proxy_location,
+        grpc_options=gRPCOptions(**schema.grpc_options.model_dump()),
+    )
+    client.deploy_apps(schema, _blocking=False)
+
+
+def wait_until_running(app_names: list[str], timeout_s: float = 300.0) -> None:
+    """Block until every named application is RUNNING; raise with Serve's own message if one fails."""
+    from ray import serve
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        apps = serve.status().applications
+        statuses = {name: apps[name].status if name in apps else "NOT_STARTED" for name in app_names}
+        failed = {n: apps[n].message for n, s in statuses.items() if s in ("DEPLOY_FAILED", "UNHEALTHY")}
+        if failed:
+            raise RuntimeError(f"Serve applications failed: {failed}")
+        if all(s == "RUNNING" for s in statuses.values()):
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"Serve applications not running after {timeout_s:.0f}s: {statuses}")
+        time.sleep(0.5)
+
+
+def set_weights(app_name: str, weights: dict[str, int]) -> dict[str, Any]:
+    """Change the live traffic weights of a running app: a lightweight user_config update, no restart."""
+    from ray.serve._private.api import get_global_client
+
+    client = get_global_client()
+    details = client.get_serve_details()
+    # deploy_apps replaces the whole set of applications, so every running one goes back in unchanged.
+    apps = {name: app["deployed_app_config"] for name, app in details["applications"].items()}
+    if app_name not in apps:
+        raise KeyError(f"no Serve application {app_name!r}; running: {sorted(apps)}")
+    apps[app_name] = with_ingress_weights(apps[app_name], weights)
+    deploy_config({"applications": list(apps.values()), **_cluster_options(details)})
+    return apps[app_name]
+
+
+def with_ingress_weights(app_config: dict[str, Any], weights: dict[str, int]) -> dict[str, Any]:
+    app = copy.deepcopy(app_config)
+    deployments = app.setdefault("deployments", [])
+    ingress = next((d for d in deployments if d.get("name") == INGRESS_DEPLOYMENT_NAME), None)
+    if ingress is None:
+        ingress = {"name": INGRESS_DEPLOYMENT_NAME}
+        deployments.append(ingress)
+    ingress["user_config"] = {"weights": dict(weights)}
+    return app
+
+
+def _cluster_options(details: dict[str, Any]) -> dict[str, Any]:
+    http = details.get("http_options") or {}
+    return {
+        "proxy_location": details.get("proxy_location", "HeadOnly"),
+        "http_options": {"host": http.get("host", "127.0.0.1"), "port": http.get("port", 8000)},
+    }

@@ -1,0 +1,122 @@
+"""Load a checkpoint the way a sovereign cluster needs it: local files only, safetensors only, no remote code.
+
+A checkpoint is either a directory (a PVC mount) or a repository id found in the local Hugging Face cache
+(`HF_HOME`); nothing is ever downloaded. The demo checkpoints and a real AMALIA checkpoint take exactly this path.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from amalia_serve.config import EngineConfig
+
+logger = logging.getLogger(__name__)
+
+
+class CheckpointError(RuntimeError):
+    """The checkpoint cannot be served; the message names the path and what is wrong."""
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model: Any  # transformers PreTrainedModel
+    tokenizer: Any  # transformers PreTrainedTokenizerBase
+    path: Path
+    device: str
+    dtype: str
+    max_model_len: int
+
+
+def resolve_checkpoint(model_path: str) -> Path:
+    """Return the local directory holding `model_path`: the directory itself, or a snapshot in the HF cache."""
+    path = Path(model_path).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise CheckpointError(f"checkpoint path {model_path!r} is a file, expected a directory")
+    if model_path.count("/") == 1 and not model_path.startswith(("/", ".")):
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        try:
+            return Path(snapshot_download(model_path, local_files_only=True))
+        except LocalEntryNotFoundError:
+            raise CheckpointError(
+                f"checkpoint {model_path!r} is not a directory and is not in the local Hugging Face cache "
+                f"(HF_HOME={os.environ.get('HF_HOME', '~/.cache/huggingface')}); nothing is downloaded"
+            ) from None
+    raise CheckpointError(f"checkpoint directory {model_path!r} does not exist")
+
+
+def _pick_device(requested: str) -> str:
+    import torch
+
+    if requested != "auto":
+        return requested
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _pick_dtype(requested: str, device: str) -> Any:
+    import torch
+
+    if requested == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return getattr(torch, requested)
+
+
+def load_checkpoint(model_path: str, engine: EngineConfig) -> LoadedModel:
+    """Load model and tokenizer for serving; raises CheckpointError with the path on anything unservable."""
+    # Set before transformers/huggingface_hub read it, so no code path can reach a hub.
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    path = resolve_checkpoint(model_path)
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"checkpoint {path} has no config.json: not a transformers checkpoint")
+    if not any(path.glob("*.safetensors")):
+        raise CheckpointError(f"checkpoint {path} has no *.safetensors weights (only safetensors are loaded)")
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    except ValueError as exc:
+        raise CheckpointError(f"checkpoint {path}: unreadable config.json: {exc}") from None
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise CheckpointError(
+            f"checkpoint {path} is a {config.model_type!r} model, not a causal language model"
+        )
+
+    device = _pick_device(engine.device)
+    dtype = _pick_dtype(engine.dtype, device)
+    model = AutoModelForCausalLM.from_pretrained(
+        path,
+        config=config,
+        dtype=dtype,
+        use_safetensors=True,
+        local_files_only=True,
+        trust_remote_code=False,
+    ).to(device)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(
+        path, local_files_only=True, trust_remote_code=False, padding_side="left"
+    )
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    context = int(getattr(config, "max_position_embeddings", 0) or 0)
+    max_model_len = min(engine.max_model_len or context, context) if context else (engine.max_model_len or 4096)
+    logger.info(
+        "loaded %s (%s, %s on %s, context %d tokens)",
+        path, type(model).__name__, str(dtype).removeprefix("torch."), device, max_model_len,
+    )
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        path=path,
+        device=device,
+        dtype=str(dtype).removeprefix("torch."),
+        max_model_len=max_model_len,
+    )

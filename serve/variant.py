@@ -1,0 +1,90 @@
+"""One model variant as a Ray Serve deployment: a shim between DeploymentHandle calls and the engine."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import ray
+from ray import serve
+
+from amalia_serve.config import VariantConfig
+from amalia_serve.engine import Engine, EngineError, EngineOutput, EngineStats
+from amalia_serve.metrics import VariantMetrics
+from amalia_serve.protocol import GenerationFailure, GenerationRequest
+
+logger = logging.getLogger(__name__)
+
+
+def _replica_cpus() -> int:
+    """CPUs Ray assigned to this replica: torch gets that many threads, so replicas do not fight over cores."""
+    try:
+        return max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
+    except Exception:  # outside a Ray worker (unit tests of the class)
+        return 1
+
+
+@serve.deployment
+class VariantServer:
+    """Serves one variant; the deployment is named after it (see `app.build_app`)."""
+
+    def __init__(self, variant: VariantConfig) -> None:
+        self.variant = variant
+        engine_config = variant.engine
+        if engine_config.torch_threads is None:
+            engine_config = engine_config.model_copy(update={"torch_threads": _replica_cpus()})
+        self.metrics = VariantMetrics(variant.name)
+        self.engine = Engine.from_checkpoint(variant.model_path, engine_config, on_step=self._observe_step)
+        logger.info("variant %s ready (max context %d)", variant.name, self.engine.max_model_len)
+
+    def _observe_step(self, batch_size: int, running: int, waiting: int) -> None:
+        if batch_size:
+            self.metrics.record_batch_size(batch_size)
+        self.metrics.set_load(running, waiting)
+
+    async def generate(
+        self, request: GenerationRequest
+    ) -> AsyncIterator[EngineOutput | GenerationFailure]:
+        """Stream engine outputs; a refused request yields one GenerationFailure and ends."""
+        try:
+            if request.operation == "chat":
+                assert request.messages is not None
+                prompt_ids = self.engine.encode_chat(request.messages)
+            else:
+                assert request.prompt is not None
+                prompt_ids = self.engine.encode_text(request.prompt)
+            stream = self.engine.generate(prompt_ids, request.sampling, request.request_id)
+            first = await anext(stream)
+        except EngineError as exc:
+            yield GenerationFailure(exc.status, str(exc), exc.error_type, exc.param, exc.code)
+            return
+        if first.queue_wait_s is not None:
+            self.metrics.record_queue_wait(first.queue_wait_s)
+        last = first
+        previous_at = time.monotonic()
+        try:
+            yield first
+            async for out in stream:
+                now = time.monotonic()
+                self.metrics.record_inter_token(now - previous_at, out.new_tokens)
+                previous_at, last = now, out
+                yield out
+        finally:
+            await stream.aclose()  # frees the engine slot when the caller went away mid-stream
+            self.metrics.record_tokens(last.prompt_tokens, last.output_tokens)
+
+    async def ready(self) -> bool:
+        return True
+
+    def stats(self) -> EngineStats:
+        return self.engine.stats()
+
+    def check_health(self) -> None:
+        if not self.engine.is_alive():
+            raise RuntimeError(f"engine of variant {self.variant.name} has stopped")
+
+    def __del__(self) -> None:
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown(timeout_s=2.0)

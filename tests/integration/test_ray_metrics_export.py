@@ -1,0 +1,254 @@
+"""The per-variant metrics reach Ray's Prometheus endpoint under the names serve/metrics.py exports.
+
+A real local Ray (metrics agent on a free port) runs a tiny Serve app shaped like amalia-serve: an
+ingress deployment and one deployment per variant, each recording through IngressMetrics and
+VariantMetrics. The test scrapes ``/metrics`` until every series carries exactly what was recorded.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import socket
+import time
+import urllib.request
+from collections import defaultdict
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import ray
+from prometheus_client.parser import text_string_to_metric_families
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from starlette.requests import Request
+
+from amalia_serve import metrics as m
+from amalia_serve.constants import INGRESS_DEPLOYMENT_NAME
+
+pytestmark = pytest.mark.integration
+
+SFT, DPO = "amalia-sft", "amalia-dpo"
+SCRAPE_DEADLINE_S = 60.0
+
+# What each deployment records; values sit inside buckets, never on a bound, so placement is exact.
+INGRESS_PLAN: dict[str, list[Any]] = {
+    "requests": [
+        [SFT, 200, 0.30, "weighted"],
+        [SFT, 200, 1.20, "weighted"],
+        [SFT, 503, 0.04, "sticky"],
+        [DPO, 200, 0.70, "pinned"],
+        [DPO, 429, 0.02, "header"],
+    ],
+    "first_token": [[SFT, 0.12], [SFT, 2.4], [DPO, 0.06]],
+}
+VARIANT_PLANS: dict[str, dict[str, list[Any]]] = {
+    SFT: {
+        "queue_wait": [0.02, 0.3],
+        "inter_token": [[0.06, 3], [0.035, 1]],
+        # The second request was aborted before any output: it must not raise or count.
+        "tokens": [[11, 7], [5, 0]],
+        "load": [[4, 9], [3, 2]],
+        "batch_size": [3, 5, 6],
+    },
+    DPO: {
+        "queue_wait": [0.007],
+        "inter_token": [[0.09, 2]],
+        "tokens": [[13, 21]],
+        "load": [[1, 0]],
+        "batch_size": [1],
+    },
+}
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+class VariantRecorder:
+    def __init__(self, variant: str) -> None:
+        self._metrics = m.VariantMetrics(variant)
+
+    def record(self, plan: dict[str, list[Any]]) -> None:
+        for seconds in plan["queue_wait"]:
+            self._metrics.record_queue_wait(seconds)
+        for seconds, tokens in plan["inter_token"]:
+            self._metrics.record_inter_token(seconds, tokens)
+        for prompt, output in plan["tokens"]:
+            self._metrics.record_tokens(prompt, output)
+        for running, waiting in plan["load"]:
+            self._metrics.set_load(running, waiting)
+        for size in plan["batch_size"]:
+            self._metrics.record_batch_size(size)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+class IngressRecorder:
+    def __init__(self, sft: DeploymentHandle[Any], dpo: DeploymentHandle[Any]) -> None:
+        self._metrics = m.IngressMetrics()
+        self._variants = {SFT: sft, DPO: dpo}
+
+    async def __call__(self, request: Request) -> str:
+        body = await request.json()
+        for variant, status, latency, reason in body["ingress"]["requests"]:
+            self._metrics.record_request(variant, status, latency, reason)
+        for variant, ttft in body["ingress"]["first_token"]:
+            self._metrics.record_first_token(variant, ttft)
+        for variant, handle in self._variants.items():
+            await handle.record.remote(body["variants"][variant])
+        return "recorded"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def metrics_url() -> Iterator[str]:
+    """Runs the recorder app on a fresh local Ray and returns its Prometheus endpoint."""
+    metrics_port, http_port = _free_port(), _free_port()
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("RAY_AUTH_MODE", "disabled")
+        # Emitters flush once a second at the fastest; the default is every 10 s.
+        env.setenv("RAY_metrics_report_interval_ms", "1000")
+        ray.init(
+            address="local",
+            num_cpus=2,
+            include_dashboard=False,
+            log_to_driver=False,
+            _metrics_export_port=metrics_port,
+        )
+        try:
+            serve.start(http_options={"host": "127.0.0.1", "port": http_port})
+            app = IngressRecorder.options(name=INGRESS_DEPLOYMENT_NAME).bind(
+                VariantRecorder.options(name=SFT).bind(SFT),
+                VariantRecorder.options(name=DPO).bind(DPO),
+            )
+            serve.run(app, name="amalia", route_prefix="/")
+            body = json.dumps({"ingress": INGRESS_PLAN, "variants": VARIANT_PLANS}).encode()
+            post = urllib.request.Request(
+                f"http://127.0.0.1:{http_port}/", data=body, method="POST"
+            )
+            with urllib.request.urlopen(post, timeout=30) as response:
+                assert response.read() == b"recorded"
+            yield f"http://127.0.0.1:{metrics_port}/metrics"
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+
+
+_KEPT_LABELS = ("variant", "status_class", "route_reason", "le", "deployment")
+Series = tuple[str, tuple[tuple[str, str], ...]]
+
+
+def _series(name: str, **labels: object) -> Series:
+    return name, tuple(sorted((k, str(v)) for k, v in labels.items()))
+
+
+def _scrape(url: str) -> dict[Series, float]:
+    """Sums samples over the labels a dashboard would aggregate away (worker, replica, node...)."""
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    summed: dict[Series, float] = defaultdict(float)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.startswith(("ray_amalia_", "ray_serve_")):
+                labels = {k: v for k, v in sample.labels.items() if k in _KEPT_LABELS}
+                if "le" in labels:
+                    labels["le"] = repr(float(labels["le"]))
+                summed[_series(sample.name, **labels)] += sample.value
+    return summed
+
+
+def _ray_midpoint(bounds: tuple[float, ...], value: float) -> float:
+    """Where Ray 2.60 counts an observation in ``_sum`` (open_telemetry_metric_recorder.py)."""
+    index = bisect.bisect_left(bounds, value)
+    if index == len(bounds):
+        return 2 * bounds[-1]
+    return (bounds[index] + (bounds[index - 1] if index else 0.0)) / 2
+
+
+def _expect_histogram(
+    out: dict[Series, float], name: str, deployment: str, variant: str, values: list[float]
+) -> None:
+    bounds = m.HISTOGRAM_BOUNDARIES[name]
+    exported = m.EXPORT_PREFIX + name
+    labels = {"deployment": deployment, "variant": variant}
+    for le in (*bounds, float("inf")):
+        count = sum(v <= le for v in values)
+        out[_series(f"{exported}_bucket", le=repr(le), **labels)] = count
+    out[_series(f"{exported}_count", **labels)] = len(values)
+    out[_series(f"{exported}_sum", **labels)] = sum(_ray_midpoint(bounds, v) for v in values)
+
+
+def _expected() -> dict[Series, float]:
+    out: dict[Series, float] = defaultdict(float)
+    ingress = INGRESS_DEPLOYMENT_NAME
+    for variant, status, _, reason in INGRESS_PLAN["requests"]:
+        key = _series(
+            m.EXPORT_PREFIX + m.REQUESTS + "_total",
+            deployment=ingress,
+            variant=variant,
+            status_class=f"{status // 100}xx",
+            route_reason=reason,
+        )
+        out[key] += 1
+    for variant in (SFT, DPO):
+        requests = [r for r in INGRESS_PLAN["requests"] if r[0] == variant]
+        ttfts = [t for v, t in INGRESS_PLAN["first_token"] if v == variant]
+        _expect_histogram(out, m.REQUEST_LATENCY, ingress, variant, [r[2] for r in requests])
+        _expect_histogram(out, m.TIME_TO_FIRST_TOKEN, ingress, variant, ttfts)
+
+        plan, labels = VARIANT_PLANS[variant], {"deployment": variant, "variant": variant}
+        gaps = [seconds / tokens for seconds, tokens in plan["inter_token"]]
+        _expect_histogram(out, m.QUEUE_WAIT, variant, variant, plan["queue_wait"])
+        _expect_histogram(out, m.INTER_TOKEN_LATENCY, variant, variant, gaps)
+        _expect_histogram(out, m.BATCH_SIZE, variant, variant, plan["batch_size"])
+        prompt = _series(m.EXPORT_PREFIX + m.PROMPT_TOKENS + "_total", **labels)
+        output = _series(m.EXPORT_PREFIX + m.OUTPUT_TOKENS + "_total", **labels)
+        out[prompt] = sum(p for p, _ in plan["tokens"])
+        out[output] = sum(o for _, o in plan["tokens"])
+        running, waiting = plan["load"][-1]
+        out[_series(m.EXPORT_PREFIX + m.RUNNING_REQUESTS, **labels)] = running
+        out[_series(m.EXPORT_PREFIX + m.WAITING_REQUESTS, **labels)] = waiting
+    return dict(out)
+
+
+def _mismatches(expected: dict[Series, float], scraped: dict[Series, float]) -> dict[Series, Any]:
+    return {
+        key: (want, scraped.get(key))
+        for key, want in expected.items()
+        if scraped.get(key) is None or abs(scraped[key] - want) > 1e-9 * max(1.0, abs(want))
+    }
+
+
+def _scrape_until_exported(url: str, expected: dict[Series, float]) -> dict[Series, float]:
+    # Emitters flush on their own clocks: one scrape may hold some deployments' values, not others.
+    deadline = time.monotonic() + SCRAPE_DEADLINE_S
+    while True:
+        scraped = _scrape(url)
+        if not _mismatches(expected, scraped) or time.monotonic() > deadline:
+            return scraped
+        time.sleep(0.5)
+
+
+def test_exported_metrics_carry_recorded_values_when_scraped_from_ray(metrics_url: str) -> None:
+    expected = _expected()
+    scraped = _scrape_until_exported(metrics_url, expected)
+    assert _mismatches(expected, scraped) == {}
+    amalia_names = {name for name, _ in scraped if name.startswith("ray_amalia_")}
+    assert amalia_names == m.EXPORTED_METRIC_NAMES
+    for name, labels in scraped:
+        if name.startswith("ray_amalia_"):
+            assert dict(labels)["variant"] in (SFT, DPO), (name, labels)
+
+
+def test_serve_replica_metrics_exist_per_variant_when_the_dashboard_reads_them(
+    metrics_url: str,
+) -> None:
+    expected = {
+        _series(name, deployment=deployment): 1.0
+        for name in (m.SERVE_REPLICA_HEALTHY, m.SERVE_TARGET_REPLICAS)
+        for deployment in (SFT, DPO, INGRESS_DEPLOYMENT_NAME)
+    }
+    scraped = _scrape_until_exported(metrics_url, expected)
+    assert _mismatches(expected, scraped) == {}
