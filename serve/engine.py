@@ -290,12 +290,12 @@ class Engine:
                 self._wakeup.wait()
             if self._stopped:
                 return False
-            cancelled = [s for s in itertools.chain(self._waiting, self._running) if s.cancelled]
-            if cancelled:
+            dropped = sum(1 for s in self._waiting if s.cancelled)
+            if dropped:
                 self._waiting = deque(s for s in self._waiting if not s.cancelled)
-                self._cancelled += len(cancelled)
+                self._cancelled += dropped
             admitted = self._take_admissible()
-        if cancelled:
+        if any(s.cancelled for s in self._running):
             self._remove_finished()
         if admitted:
             self._prefill(admitted)
@@ -347,8 +347,7 @@ class Engine:
             )
             self._cache.merge(cache)
             self._running.extend(seqs)
-        self._emit(seqs, sample_tokens(logits, [s.params for s in seqs], [s.generator for s in seqs]))
-        self._remove_finished()
+        self._advance(seqs, sample_tokens(logits, [s.params for s in seqs], [s.generator for s in seqs]))
 
     def _decode(self) -> None:
         assert self._cache is not None and self._mask is not None
@@ -359,8 +358,14 @@ class Engine:
         logits = self._forward(input_ids, self._mask, positions, self._cache)
         for seq in seqs:
             seq.cached_tokens += 1
-        self._emit(seqs, sample_tokens(logits, [s.params for s in seqs], [s.generator for s in seqs]))
+        self._advance(seqs, sample_tokens(logits, [s.params for s in seqs], [s.generator for s in seqs]))
+
+    def _advance(self, seqs: list[_Sequence], tokens: list[int]) -> None:
+        """Append the sampled tokens; finished rows leave the batch before anyone hears they finished."""
+        outputs = self._emit(seqs, tokens)
         self._remove_finished()
+        for seq, out in outputs:
+            seq.deliver(out)
 
     def _forward(
         self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: BatchKVCache
@@ -375,7 +380,8 @@ class Engine:
         )
         return out.logits[:, -1, :]
 
-    def _emit(self, seqs: list[_Sequence], tokens: list[int]) -> None:
+    def _emit(self, seqs: list[_Sequence], tokens: list[int]) -> list[tuple[_Sequence, EngineOutput]]:
+        outputs = []
         for seq, token in zip(seqs, tokens):
             if seq.cancelled:
                 continue
@@ -396,7 +402,8 @@ class Engine:
             out.queue_wait_s = wait
             if finish is not None:
                 seq.finished = True
-            seq.deliver(out)
+            outputs.append((seq, out))
+        return outputs
 
     def _output(self, seq: _Sequence, text: str, new_tokens: int, finish: str | None) -> EngineOutput:
         # An EOS token ends the sequence but is not part of the completion's text or usage.
@@ -416,6 +423,7 @@ class Engine:
             if len(keep) == len(self._running):
                 return
             self._finished += sum(1 for s in self._running if s.finished and not s.cancelled)
+            self._cancelled += sum(1 for s in self._running if s.cancelled)
             self._running = [self._running[i] for i in keep]
         if not keep:
             self._cache, self._mask = None, None

@@ -38,8 +38,10 @@ def resolve_model_paths(config: dict[str, Any], base_dir: str | Path) -> dict[st
     return resolved
 
 
-def start_local_ray(num_cpus: int | None = None, dashboard: bool = True) -> None:
-    """A laptop-local Ray: auth off and the dashboard (which `serve deploy` talks to) on loopback only."""
+def start_local_ray(
+    num_cpus: int | None = None, dashboard: bool = True, metrics_export_port: int | None = None
+) -> None:
+    """A new laptop-local Ray: auth off, the dashboard (which `serve deploy` talks to) on loopback only."""
     import ray
 
     # Ray 2.60 enables token auth for new local clusters; on loopback it only gets in a newcomer's way.
@@ -47,11 +49,13 @@ def start_local_ray(num_cpus: int | None = None, dashboard: bool = True) -> None
     if ray.is_initialized():
         return
     ray.init(
+        address="local",  # never join some other cluster `ray start` left running on this machine
         namespace=SERVE_NAMESPACE,
         num_cpus=num_cpus,
         include_dashboard=dashboard,
         dashboard_host="127.0.0.1",
         logging_level=logging.WARNING,
+        _metrics_export_port=metrics_export_port,
     )
 
 

@@ -85,9 +85,13 @@ def load_checkpoint(model_path: str, engine: EngineConfig) -> LoadedModel:
         config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except ValueError as exc:
         raise CheckpointError(f"checkpoint {path}: unreadable config.json: {exc}") from None
-    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+    # The architecture the checkpoint was saved as must be the causal-LM class of its model type: a BERT
+    # encoder's model type has a causal-LM head class too, but its weights are not a generator.
+    causal_class = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type)
+    if causal_class is None or causal_class not in (config.architectures or []):
         raise CheckpointError(
-            f"checkpoint {path} is a {config.model_type!r} model, not a causal language model"
+            f"checkpoint {path} is a {config.model_type!r} model with architectures "
+            f"{config.architectures}, not a causal language model"
         )
 
     device = _pick_device(engine.device)

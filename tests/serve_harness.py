@@ -1,0 +1,80 @@
+"""Run a Serve config on a real local Ray cluster for one test module, on free loopback ports."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from amalia_serve.constants import INGRESS_DEPLOYMENT_NAME
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass(frozen=True)
+class RunningServe:
+    base_url: str
+    metrics_url: str
+    app_name: str
+
+
+def demo_app_config(
+    sft: Path, dpo: Path, port: int, weights: dict[str, int] | None = None, **engine: Any
+) -> dict[str, Any]:
+    """The `make run` config shape, with tiny checkpoints and replicas sized for a 2-core machine."""
+
+    def variant(name: str, path: Path) -> dict[str, Any]:
+        return {
+            "name": name,
+            "model_path": str(path),
+            "engine": {"max_batch_size": 8, **engine},
+            "deployment": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}},
+        }
+
+    return {
+        "proxy_location": "HeadOnly",
+        "http_options": {"host": "127.0.0.1", "port": port},
+        "applications": [
+            {
+                "name": "amalia",
+                "route_prefix": "/",
+                "import_path": "amalia_serve.app:build_app",
+                "args": {"variants": [variant("amalia-sft", sft), variant("amalia-dpo", dpo)]},
+                "deployments": [
+                    {
+                        "name": INGRESS_DEPLOYMENT_NAME,
+                        "user_config": {"weights": weights or {"amalia-sft": 90, "amalia-dpo": 10}},
+                    }
+                ],
+            }
+        ],
+    }
+
+
+@contextmanager
+def running_serve(config: dict[str, Any], num_cpus: int = 4) -> Iterator[RunningServe]:
+    """Start a fresh local Ray, deploy `config`, wait until it runs; tear everything down afterwards."""
+    import ray
+    from ray import serve
+
+    from amalia_serve.local_run import deploy_config, start_local_ray, wait_until_running
+
+    metrics_port = free_port()
+    start_local_ray(num_cpus=num_cpus, dashboard=False, metrics_export_port=metrics_port)
+    try:
+        deploy_config(config)
+        names = [app["name"] for app in config["applications"]]
+        wait_until_running(names, timeout_s=300)
+        port = config["http_options"]["port"]
+        yield RunningServe(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics", names[0])
+    finally:
+        serve.shutdown()
+        ray.shutdown()

@@ -1,0 +1,46 @@
+"""Serving args are validated once, at the edge, with messages that name the problem."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from amalia_serve.config import AmaliaServingArgs
+
+
+def args(**overrides: object) -> dict[str, object]:
+    base: dict[str, object] = {
+        "variants": [{"name": "amalia-sft", "model_path": "/m/sft"}, {"name": "amalia-dpo", "model_path": "/m/dpo"}],
+        "routing": {"weights": {"amalia-sft": 90, "amalia-dpo": 10}},
+    }
+    base.update(overrides)
+    return base
+
+
+def test_serving_args_accept_two_variants_with_weights() -> None:
+    parsed = AmaliaServingArgs.model_validate(args())
+    assert parsed.variant_names == ["amalia-sft", "amalia-dpo"]
+    assert parsed.variants[0].engine.dtype == "auto"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"variants": [{"name": "a", "model_path": "/x"}, {"name": "a", "model_path": "/y"}], "routing": {}},
+         "duplicate variant names"),
+        ({"routing": {"weights": {"amalia-sft": -1, "amalia-dpo": 10}}}, "must be >= 0"),
+        ({"routing": {"weights": {"amalia-sft": 0, "amalia-dpo": 0}}}, "at least one weight"),
+        ({"routing": {"weights": {"amalia-xx": 10}}}, "unknown variants"),
+        ({"variants": [{"name": "amalia-sft"}]}, "model_path"),
+        ({"variants": [{"name": "Bad_Name", "model_path": "/x"}], "routing": {}}, "pattern"),
+        ({"model_alias": "amalia-sft"}, "must differ"),
+        ({"varients": []}, "Extra inputs are not permitted"),
+        ({"variants": [{"name": "a", "model_path": "/x", "deployment": {"num_replicas": 1,
+                        "autoscaling_config": {"min_replicas": 1}}}], "routing": {}}, "not both"),
+        ({"variants": [{"name": "a", "model_path": "/x",
+                        "deployment": {"ray_actor_options": {"num_gpus": -1}}}], "routing": {}}, "num_gpus"),
+    ],
+)
+def test_serving_args_refused_with_clear_message_when_invalid(overrides: dict[str, object], message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        AmaliaServingArgs.model_validate(args(**overrides))
