@@ -30,7 +30,7 @@ from amalia_serve.kv_cache import BatchKVCache
 from amalia_serve.model_loader import LoadedModel, load_checkpoint
 from amalia_serve.sampling import SamplingParams, make_generator, sample_tokens
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(f"ray.serve.{__name__}")  # lands in the replica logs under Serve
 
 
 class EngineError(Exception):

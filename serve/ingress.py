@@ -34,8 +34,9 @@ from amalia_serve.engine import EngineOutput
 from amalia_serve.metrics import IngressMetrics
 from amalia_serve.protocol import GenerationFailure, GenerationRequest, Operation
 from amalia_serve.routing import RouteDecision, TrafficSplit, UnknownVariantError
+from amalia_serve.tracing import ServerSpan, configure_tracing, extract_carrier, server_span
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(f"ray.serve.{__name__}")  # lands in the replica logs under Serve
 
 
 class ApiError(Exception):
@@ -106,6 +107,7 @@ class AmaliaIngress:
     """Routes each request to one variant deployment and speaks OpenAI's wire format."""
 
     def __init__(self, args: AmaliaServingArgs, variants: dict[str, DeploymentHandle]) -> None:
+        configure_tracing("ingress")
         self.args = args
         self.variant_names = args.variant_names
         self.handles = {name: h.options(stream=True) for name, h in variants.items()}
@@ -163,16 +165,21 @@ class AmaliaIngress:
     async def _complete(self, request: Request, operation: Operation) -> Response:
         started = time.monotonic()
         decision: RouteDecision | None = None
-        try:
-            body = await self._parse(request, operation)
-            decision = self._route(body, request)
-            response = await self._generate(body, decision, operation, started)
-        except ApiError as exc:
-            response = exc.response({VARIANT_HEADER: decision.variant} if decision else None)
-        if decision is not None and not isinstance(response, StreamingResponse):
-            self.metrics.record_request(
-                decision.variant, response.status_code, time.monotonic() - started, decision.reason.value
-            )
+        with server_span(request.url.path, request.method, extract_carrier(request.headers)) as span:
+            try:
+                body = await self._parse(request, operation)
+                decision = self._route(body, request)
+                span.set_route(decision.variant, decision.reason.value)
+                response = await self._generate(body, decision, operation, started, span)
+            except ApiError as exc:
+                response = exc.response({VARIANT_HEADER: decision.variant} if decision else None)
+            if isinstance(response, StreamingResponse):
+                span.keep_open()  # the body generator ends it with the stream
+            else:
+                span.set_status_code(response.status_code)
+                if decision is not None:
+                    self.metrics.record_request(decision.variant, response.status_code,
+                                                time.monotonic() - started, decision.reason.value)  # fmt: skip
         return response
 
     async def _parse(
@@ -221,14 +228,17 @@ class AmaliaIngress:
         decision: RouteDecision,
         operation: Operation,
         started: float,
+        span: ServerSpan,
     ) -> Response:
         rid = ("chatcmpl-" if operation == "chat" else "cmpl-") + uuid.uuid4().hex
         generation = GenerationRequest(
             request_id=rid,
             operation=operation,
+            requested_model=body.model,
             sampling=body.sampling(),
             messages=body.message_dicts() if isinstance(body, oai.ChatCompletionRequest) else None,
             prompt=body.prompt_text() if isinstance(body, oai.CompletionRequest) else None,
+            trace_carrier=span.carrier,
         )
         stream = self.handles[decision.variant].generate.remote(generation)
         try:
@@ -247,7 +257,7 @@ class AmaliaIngress:
         self.metrics.record_first_token(decision.variant, time.monotonic() - started)
         headers = {VARIANT_HEADER: decision.variant}
         if body.stream:
-            events = self._stream_events(body, decision, operation, rid, first, stream, started)
+            events = self._stream_events(body, decision, operation, rid, first, stream, started, span)
             return StreamingResponse(events, media_type="text/event-stream", headers=headers)
         text, last = [first.text], first
         async for out in stream:
@@ -271,6 +281,7 @@ class AmaliaIngress:
         first: EngineOutput,
         stream: Any,
         started: float,
+        span: ServerSpan,
     ) -> AsyncIterator[bytes]:
         model, created = decision.variant, int(time.time())
         status = 200
@@ -289,15 +300,19 @@ class AmaliaIngress:
                 used = oai.usage(last.prompt_tokens, last.output_tokens)
                 yield _sse(oai.usage_chunk(rid, model, created, obj, used))
             yield _sse("[DONE]")
-        except asyncio.CancelledError:
+        except asyncio.CancelledError as exc:
             status = 499  # client closed the connection (nginx's convention)
+            span.record_error(exc)
             raise
-        except Exception:
+        except Exception as exc:
             status = 500
+            span.record_error(exc)
             logger.exception("stream from variant %s failed", model)
             yield _sse(oai.error_body("the stream was interrupted", "server_error"))
         finally:
             stream.cancel()
+            span.set_status_code(200 if status == 499 else status)
+            span.end()
             self.metrics.record_request(model, status, time.monotonic() - started, decision.reason.value)
 
     @staticmethod

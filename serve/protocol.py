@@ -14,6 +14,7 @@ Operation = Literal["chat", "text_completion"]
 class GenerationRequest:
     request_id: str
     operation: Operation
+    requested_model: str  # what the client asked for: the alias or a variant name
     sampling: SamplingParams
     messages: list[dict[str, str]] | None = None
     prompt: str | None = None

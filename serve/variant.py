@@ -13,8 +13,9 @@ from amalia_serve.config import VariantConfig
 from amalia_serve.engine import Engine, EngineError, EngineOutput, EngineStats
 from amalia_serve.metrics import VariantMetrics
 from amalia_serve.protocol import GenerationFailure, GenerationRequest
+from amalia_serve.tracing import GenerationTrace, active_tracing, configure_tracing
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(f"ray.serve.{__name__}")  # lands in the replica logs under Serve
 
 
 def _replica_cpus() -> int:
@@ -31,6 +32,7 @@ class VariantServer:
 
     def __init__(self, variant: VariantConfig) -> None:
         self.variant = variant
+        configure_tracing("variant", variant.name)
         engine_config = variant.engine
         if engine_config.torch_threads is None:
             engine_config = engine_config.model_copy(update={"torch_threads": _replica_cpus()})
@@ -47,6 +49,18 @@ class VariantServer:
         self, request: GenerationRequest
     ) -> AsyncIterator[EngineOutput | GenerationFailure]:
         """Stream engine outputs; a refused request yields one GenerationFailure and ends."""
+        received_at = time.monotonic()
+        span = GenerationTrace(
+            request.trace_carrier,
+            request.operation,
+            request_model=request.requested_model,
+            response_model=self.variant.name,
+            max_tokens=request.sampling.max_tokens,
+            temperature=request.sampling.temperature,
+            top_p=request.sampling.top_p,
+            prompt=request.messages if request.messages is not None else request.prompt,
+        )
+        completion: list[str] | None = [] if active_tracing().record_content else None
         try:
             if request.operation == "chat":
                 assert request.messages is not None
@@ -55,21 +69,33 @@ class VariantServer:
                 assert request.prompt is not None
                 prompt_ids = self.engine.encode_text(request.prompt)
             stream = self.engine.generate(prompt_ids, request.sampling, request.request_id)
+            span.queued()
             first = await anext(stream)
         except EngineError as exc:
+            span.failed(exc)
             yield GenerationFailure(exc.status, str(exc), exc.error_type, exc.param, exc.code)
             return
+        span.first_token(time.monotonic() - received_at)
         if first.queue_wait_s is not None:
             self.metrics.record_queue_wait(first.queue_wait_s)
         last = first
         previous_at = time.monotonic()
         try:
+            if completion is not None:
+                completion.append(first.text)
             yield first
             async for out in stream:
                 now = time.monotonic()
                 self.metrics.record_inter_token(now - previous_at, out.new_tokens)
                 previous_at, last = now, out
+                if completion is not None:
+                    completion.append(out.text)
                 yield out
+            span.finished(last.prompt_tokens, last.output_tokens, last.finish_reason or "stop",
+                          "".join(completion) if completion is not None else None)  # fmt: skip
+        except BaseException as exc:  # cancellation included: the span says so, then it propagates
+            span.failed(exc)
+            raise
         finally:
             await stream.aclose()  # frees the engine slot when the caller went away mid-stream
             self.metrics.record_tokens(last.prompt_tokens, last.output_tokens)
