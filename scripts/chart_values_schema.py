@@ -86,7 +86,9 @@ def variant_schema() -> Schema:
     return {
         **obj(
             {
-                "name": string("Served model id and Serve deployment name.", pattern=VARIANT_NAME_PATTERN),
+                "name": string(
+                    "Served model id and Serve deployment name.", pattern=VARIANT_NAME_PATTERN
+                ),
                 "modelPath": string("Checkpoint directory inside the worker pods.", minLength=1),
                 "gpus": integer(1, "GPUs per replica (a positive integer)."),
                 "cpus": number(0, exclusive=True),
@@ -181,7 +183,9 @@ def values_schema() -> Schema:
                 ),
                 "upgradeStrategy": obj(
                     {
-                        "type": {"enum": ["NewCluster", "NewClusterWithIncrementalUpgrade", "None"]},
+                        "type": {
+                            "enum": ["NewCluster", "NewClusterWithIncrementalUpgrade", "None"]
+                        },
                         "clusterUpgradeOptions": K8S_MAP,
                     }
                 ),
@@ -236,7 +240,10 @@ def values_schema() -> Schema:
                     {"enabled": {"type": "boolean"}, "parentRefs": K8S_LIST, "hostnames": K8S_LIST}
                 ),
                 "podDisruptionBudget": obj(
-                    {"enabled": {"type": "boolean"}, "maxUnavailable": {"type": ["integer", "string"]}}
+                    {
+                        "enabled": {"type": "boolean"},
+                        "maxUnavailable": {"type": ["integer", "string"]},
+                    }
                 ),
                 "networkPolicy": obj(
                     {
@@ -256,7 +263,9 @@ def values_schema() -> Schema:
                                 "labels": STRING_MAP,
                             }
                         ),
-                        "grafanaDashboard": obj({"enabled": {"type": "boolean"}, "labels": STRING_MAP}),
+                        "grafanaDashboard": obj(
+                            {"enabled": {"type": "boolean"}, "labels": STRING_MAP}
+                        ),
                     }
                 ),
                 "podSecurityContext": K8S_MAP,
@@ -266,8 +275,7 @@ def values_schema() -> Schema:
                         "enabled": {"type": "boolean"},
                         "image": image,
                         "namespaced": {"type": "boolean"},
-                        "prometheusURL": string(),
-                        "logLevel": {"enum": ["DEBUG", "INFO", "WARNING", "ERROR"]},
+                        "verbose": {"type": "boolean"},
                         "resources": RESOURCES,
                         "nodeSelector": STRING_MAP,
                         "tolerations": K8S_LIST,
@@ -276,7 +284,9 @@ def values_schema() -> Schema:
                 "tests": obj({"image": string(), "maxTokens": integer(1)}),
                 "modelRollouts": {
                     "type": "array",
-                    "items": obj({"name": string(pattern=K8S_NAME), "spec": K8S_MAP}, ("name", "spec")),
+                    "items": obj(
+                        {"name": string(pattern=K8S_NAME), "spec": K8S_MAP}, ("name", "spec")
+                    ),
                 },
             },
             required=("serve", "variants", "workerGroups", "models"),

@@ -43,9 +43,9 @@ def _run(args: argparse.Namespace) -> int:
     try:
         local_run.deploy_config(config)
         local_run.wait_until_running([a["name"] for a in apps], timeout_s=args.timeout)
-        first = AmaliaServingArgs.model_validate(apps[0].get("args") or {})
-        models = ", ".join([first.model_alias, *first.variant_names])
-        print(CURL_EXAMPLE.format(host=args.host, port=args.port, models=models, alias=first.model_alias))
+        front = AmaliaServingArgs.model_validate(apps[0].get("args") or {})
+        models = ", ".join([front.model_alias, *(local_run.ingress_weights(config) or front.variant_names)])
+        print(CURL_EXAMPLE.format(host=args.host, port=args.port, models=models, alias=front.model_alias))
         signal.sigwait({signal.SIGINT, signal.SIGTERM})
     except KeyboardInterrupt:
         pass

@@ -139,13 +139,26 @@ class IngressConfig(AmaliaModel):
 
 
 class AmaliaServingArgs(AmaliaModel):
-    """The whole application: ``amalia_serve.app:build_app`` takes exactly this as its args."""
+    """The front application: ``amalia_serve.app:build_app`` takes exactly this as its args.
+
+    Two layouts. Production (the chart, the operator, `make run`): `variants` is empty and every variant is
+    its own Serve application built by ``amalia_serve.app:build_variant_app``, named after the variant; the
+    ingress finds them by the names in its weights. A new variant is then a new application, and no
+    running replica restarts (Serve redeploys every deployment of an application whose `args` change).
+    Single application (`serve run`, Python): the variants listed here are deployed next to the ingress.
+    """
 
     model_alias: str = Field(
         "amalia", pattern=VARIANT_NAME_PATTERN, description="Model name that is routed over the variants."
     )
-    variants: list[VariantConfig] = Field(..., min_length=1)
-    routing: RoutingConfig = Field(default_factory=RoutingConfig)
+    variants: list[VariantConfig] = Field(
+        default_factory=list, description="Variants deployed inside this application (single-app layout)."
+    )
+    routing: RoutingConfig = Field(
+        default_factory=RoutingConfig,
+        description="Initial weights; a Serve config's `deployments: [{name: AmaliaIngress, user_config}]` "
+        "overrides them live.",
+    )
     ingress: IngressConfig = Field(default_factory=IngressConfig)
 
     @model_validator(mode="after")
@@ -154,10 +167,10 @@ class AmaliaServingArgs(AmaliaModel):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"duplicate variant names: {duplicates}")
-        if self.model_alias in names:
+        if self.model_alias in names or self.model_alias in self.routing.weights:
             raise ValueError(f"model_alias {self.model_alias!r} must differ from every variant name")
         unknown = sorted(set(self.routing.weights) - set(names))
-        if unknown:
+        if names and unknown:
             raise ValueError(f"routing.weights name unknown variants {unknown}; variants are {names}")
         return self
 

@@ -109,18 +109,59 @@ class AmaliaIngress:
     def __init__(self, args: AmaliaServingArgs, variants: dict[str, DeploymentHandle]) -> None:
         configure_tracing("ingress")
         self.args = args
-        self.variant_names = args.variant_names
-        self.handles = {name: h.options(stream=True) for name, h in variants.items()}
-        self.ready_handles = variants
-        self.split = TrafficSplit(self.variant_names, args.routing.weights)
+        self.bound = variants  # single-app layout; otherwise variants are applications found by name
+        self.streams: dict[str, DeploymentHandle] = {}
+        names = list(args.routing.weights) or list(variants)
+        # In the production layout the weights, and so the variants, arrive with the first reconfigure.
+        self.split: TrafficSplit | None = TrafficSplit(names, args.routing.weights) if names else None
+        self.routing_error: str | None = None
         self.rng = random.Random()
         self.metrics = IngressMetrics()
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """New traffic weights, applied without a restart; invalid ones raise and the old split stays."""
-        routing = RoutingConfig.model_validate(user_config)
-        self.split = TrafficSplit(self.variant_names, routing.weights)
-        logger.info("traffic weights now %s", self.split.weights)
+        """New traffic weights, applied without a restart.
+
+        Invalid weights are refused here and the old split stays. This must not raise: Serve answers a
+        raising reconfigure by restarting the replica, which fails again, and the deployment goes to
+        DEPLOY_FAILED with no replica left to serve (seen with Ray 2.60), an outage over a typo.
+        """
+        try:
+            routing = RoutingConfig.model_validate(user_config)
+            names = list(routing.weights) or list(self.bound)
+            split = TrafficSplit(names, routing.weights)
+            self._check_variants_exist(split)
+        except ValueError as exc:  # pydantic's ValidationError is a ValueError
+            self.routing_error = f"refused weights {user_config!r}: {exc}".replace("\n", "; ")
+            logger.error("%s; keeping %s", self.routing_error, self.weights)
+            return
+        self.split, self.routing_error = split, None
+        logger.info("traffic weights now %s", split.weights)
+
+    def _check_variants_exist(self, split: TrafficSplit) -> None:
+        """A variant that is to take unpinned traffic must be deployed, here or as its own application."""
+        wanted = {name for name, weight in split.weights.items() if weight > 0} - set(self.bound)
+        if not wanted:
+            return
+        missing = sorted(wanted - set(serve.status().applications))
+        if missing:
+            raise ValueError(f"no deployed variant named {missing}")
+
+    def _stream_handle(self, variant: str) -> DeploymentHandle:
+        handle = self.streams.get(variant)
+        if handle is None:
+            base = self.bound.get(variant) or serve.get_deployment_handle(
+                variant, app_name=variant, _check_exists=False
+            )
+            handle = self.streams[variant] = base.options(stream=True)
+        return handle
+
+    @property
+    def weights(self) -> dict[str, int]:
+        return self.split.weights if self.split is not None else {}
+
+    @property
+    def variant_names(self) -> list[str]:
+        return list(self.weights)
 
     # ---- routes ----------------------------------------------------------------------------------------------
 
@@ -132,21 +173,23 @@ class AmaliaIngress:
     async def readyz(self) -> JSONResponse:
         async def probe(name: str) -> bool:
             try:
-                return bool(
-                    await asyncio.wait_for(
-                        self.ready_handles[name].ready.remote(), self.args.ingress.ready_timeout_s
-                    )
-                )
+                handle = self._stream_handle(name).options(stream=False)
+                return bool(await asyncio.wait_for(handle.ready.remote(), self.args.ingress.ready_timeout_s))
             except Exception:
                 return False
 
-        results = await asyncio.gather(*(probe(n) for n in self.variant_names))
-        variants = dict(zip(self.variant_names, results))
+        names = self.variant_names
+        results = await asyncio.gather(*(probe(n) for n in names))
         ready = all(results)
         return JSONResponse(
-            {"status": "ready" if ready else "not ready", "variants": variants},
+            {"status": "ready" if ready else "not ready", "variants": dict(zip(names, results))},
             status_code=200 if ready else 503,
         )
+
+    @api.get("/routing")
+    async def routing(self) -> dict[str, Any]:
+        """The live split and, when the last weights were refused, why."""
+        return {"model": self.args.model_alias, "weights": self.weights, "error": self.routing_error}
 
     @api.get("/v1/models")
     async def models(self) -> dict[str, Any]:
@@ -208,7 +251,10 @@ class AmaliaIngress:
     def _route(
         self, body: oai.ChatCompletionRequest | oai.CompletionRequest, request: Request
     ) -> RouteDecision:
-        if body.model != self.args.model_alias and body.model not in self.handles:
+        if self.split is None:
+            raise ApiError(503, "no traffic weights configured yet", "service_unavailable",
+                           code="no_variants")  # fmt: skip
+        if body.model != self.args.model_alias and body.model not in self.split.weights:
             raise ApiError(404, f"The model `{body.model}` does not exist. Available: "
                            f"{', '.join([self.args.model_alias, *self.variant_names])}",
                            "not_found_error", "model", "model_not_found")  # fmt: skip
@@ -240,7 +286,7 @@ class AmaliaIngress:
             prompt=body.prompt_text() if isinstance(body, oai.CompletionRequest) else None,
             trace_carrier=span.carrier,
         )
-        stream = self.handles[decision.variant].generate.remote(generation)
+        stream = self._stream_handle(decision.variant).generate.remote(generation)
         try:
             first = await stream.__anext__()
         except BackPressureError:

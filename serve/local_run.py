@@ -31,11 +31,20 @@ def resolve_model_paths(config: dict[str, Any], base_dir: str | Path) -> dict[st
     """Make relative `model_path`s absolute: replicas do not run in the directory the config came from."""
     resolved = copy.deepcopy(config)
     for app in resolved.get("applications", []):
-        for variant in (app.get("args") or {}).get("variants", []):
-            path = Path(variant.get("model_path", ""))
-            if variant.get("model_path") and not path.is_absolute() and (Path(base_dir) / path).exists():
+        args = app.get("args") or {}
+        for variant in [args, *args.get("variants", [])]:
+            path = variant.get("model_path")
+            if path and not Path(path).is_absolute() and (Path(base_dir) / path).exists():
                 variant["model_path"] = str((Path(base_dir) / path).resolve())
     return resolved
+
+
+def ingress_weights(config: dict[str, Any]) -> dict[str, int]:
+    """The live weights a Serve config gives the ingress of its first application."""
+    for deployment in config["applications"][0].get("deployments") or []:
+        if deployment.get("name") == INGRESS_DEPLOYMENT_NAME:
+            return dict((deployment.get("user_config") or {}).get("weights") or {})
+    return {}
 
 
 def start_local_ray(
@@ -94,9 +103,9 @@ def wait_until_running(app_names: list[str], timeout_s: float = 300.0) -> None:
 
 def set_weights(app_name: str, weights: dict[str, int]) -> dict[str, Any]:
     """Change the live traffic weights of a running app: a lightweight user_config update, no restart."""
-    from ray.serve._private.api import get_global_client
+    from ray.serve.context import _get_global_client
 
-    client = get_global_client()
+    client = _get_global_client()
     details = client.get_serve_details()
     # deploy_apps replaces the whole set of applications, so every running one goes back in unchanged.
     apps = {name: app["deployed_app_config"] for name, app in details["applications"].items()}

@@ -29,14 +29,19 @@ class RunningServe:
 def demo_app_config(
     sft: Path, dpo: Path, port: int, weights: dict[str, int] | None = None, **engine: Any
 ) -> dict[str, Any]:
-    """The `make run` config shape, with tiny checkpoints and replicas sized for a 2-core machine."""
+    """The `make run` layout (front app + one app per variant), tiny checkpoints, sized for 2 cores."""
 
-    def variant(name: str, path: Path) -> dict[str, Any]:
+    def variant_app(name: str, path: Path) -> dict[str, Any]:
         return {
             "name": name,
-            "model_path": str(path),
-            "engine": {"max_batch_size": 8, **engine},
-            "deployment": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}},
+            "route_prefix": None,
+            "import_path": "amalia_serve.app:build_variant_app",
+            "args": {
+                "name": name,
+                "model_path": str(path),
+                "engine": {"max_batch_size": 8, **engine},
+                "deployment": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}},
+            },
         }
 
     return {
@@ -47,14 +52,16 @@ def demo_app_config(
                 "name": "amalia",
                 "route_prefix": "/",
                 "import_path": "amalia_serve.app:build_app",
-                "args": {"variants": [variant("amalia-sft", sft), variant("amalia-dpo", dpo)]},
+                "args": {"model_alias": "amalia"},
                 "deployments": [
                     {
                         "name": INGRESS_DEPLOYMENT_NAME,
                         "user_config": {"weights": weights or {"amalia-sft": 90, "amalia-dpo": 10}},
                     }
                 ],
-            }
+            },
+            variant_app("amalia-sft", sft),
+            variant_app("amalia-dpo", dpo),
         ],
     }
 

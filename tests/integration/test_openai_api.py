@@ -45,7 +45,7 @@ def chat_prompt_tokens(tokenizer, messages: list[dict[str, str]]) -> int:  # typ
 def engine_stats(variant: str) -> dict[str, object]:
     from ray import serve
 
-    stats = serve.get_deployment_handle(variant, app_name="amalia").stats.remote().result(timeout_s=30)
+    stats = serve.get_deployment_handle(variant, app_name=variant).stats.remote().result(timeout_s=30)
     return {"running": stats.running, "waiting": stats.waiting, "cancelled": stats.cancelled}
 
 

@@ -26,13 +26,20 @@ SERVER, INTERNAL = 2, 1
 CHAT = [{"role": "user", "content": "Olá, quem és tu?"}]
 
 
-def traced_app(base: dict[str, Any], name: str, prefix: str, env: dict[str, str], variants: int) -> dict[str, Any]:
-    app = copy.deepcopy(base["applications"][0])
-    app["name"], app["route_prefix"] = name, prefix
-    app["args"]["variants"] = app["args"]["variants"][:variants]
-    app["deployments"][0]["user_config"] = {"weights": {v["name"]: 1 for v in app["args"]["variants"]}}
-    app["runtime_env"] = {"env_vars": env}
-    return app
+def traced_apps(
+    base: dict[str, Any], name: str, prefix: str, env: dict[str, str], variants: list[str]
+) -> list[dict[str, Any]]:
+    """A front app plus its own variant apps, all with the given OTEL_* environment."""
+    front, *variant_apps = copy.deepcopy(base["applications"])
+    front["name"], front["route_prefix"] = name, prefix
+    renamed = []
+    for app, new_name in zip(variant_apps, variants):
+        app["name"] = app["args"]["name"] = new_name
+        renamed.append(app)
+    front["deployments"][0]["user_config"] = {"weights": {v: 1 for v in variants}}
+    for app in [front, *renamed]:
+        app["runtime_env"] = {"env_vars": env}
+    return [front, *renamed]
 
 
 @pytest.fixture(scope="module")
@@ -50,10 +57,10 @@ def served(demo_checkpoints: tuple[Path, Path], receiver: OtlpHttpReceiver) -> I
     off = {**on, "OTEL_TRACES_SAMPLER": "always_off"}
     down = {**common, "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{free_port()}"}
     base["applications"] = [
-        traced_app(base, "amalia", "/", on, 2),
-        traced_app(base, "sampler-off", "/off", off, 1),
-        traced_app(base, "collector-down", "/down", down, 1),
-        traced_app(base, "untraced", "/plain", common, 1),
+        *traced_apps(base, "amalia", "/", on, ["amalia-sft", "amalia-dpo"]),
+        *traced_apps(base, "sampler-off", "/off", off, ["off-sft"]),
+        *traced_apps(base, "collector-down", "/down", down, ["down-sft"]),
+        *traced_apps(base, "untraced", "/plain", common, ["plain-sft"]),
     ]
     with running_serve(base, num_cpus=8) as running:
         yield running

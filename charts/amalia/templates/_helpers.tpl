@@ -1,0 +1,231 @@
+{{/* Chart name, truncated to the 63 characters a label value allows. */}}
+{{- define "amalia-serve.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Resource name prefix; the chart name is not repeated when the release already holds it. */}}
+{{- define "amalia-serve.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "amalia-serve.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "amalia-serve.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "amalia-serve.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "amalia-serve.labels" -}}
+helm.sh/chart: {{ include "amalia-serve.chart" . }}
+{{ include "amalia-serve.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{/* Selector of every Ray pod (head and workers) of this release. */}}
+{{- define "amalia-serve.raySelectorLabels" -}}
+{{ include "amalia-serve.selectorLabels" . }}
+app.kubernetes.io/component: ray
+{{- end }}
+
+{{- define "amalia-serve.operatorSelectorLabels" -}}
+{{ include "amalia-serve.selectorLabels" . }}
+app.kubernetes.io/component: operator
+{{- end }}
+
+{{- define "amalia-serve.operatorName" -}}
+{{- printf "%s-operator" (include "amalia-serve.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "amalia-serve.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{/*
+The Serve config (RayService spec.serveConfigV2) as a YAML string. It is built as a dict and
+rendered with toYaml, so it is valid YAML with sorted keys whatever the values hold.
+`args` is amalia_serve.config.AmaliaServingArgs; the live traffic weights are the ingress
+deployment's user_config, which the ModelRollout operator patches without redeploying the app.
+*/}}
+{{- define "amalia-serve.serveConfig" -}}
+{{- $variants := list }}
+{{- $names := list }}
+{{- range $v := .Values.variants }}
+{{- $actor := dict "num_gpus" $v.gpus }}
+{{- if hasKey $v "cpus" }}
+{{- $_ := set $actor "num_cpus" $v.cpus }}
+{{- end }}
+{{- $deployment := dict "ray_actor_options" $actor }}
+{{- /* Only what the user set: anything else keeps the DeploymentOptions default. */}}
+{{- $fields := dict "replicas" "num_replicas" "autoscaling" "autoscaling_config" "maxOngoingRequests" "max_ongoing_requests" "maxQueuedRequests" "max_queued_requests" }}
+{{- range $key, $field := $fields }}
+{{- if hasKey $v $key }}
+{{- $_ := set $deployment $field (index $v $key) }}
+{{- end }}
+{{- end }}
+{{- if not (or $v.replicas $v.autoscaling) }}
+{{- fail (printf "variant %s: set replicas or autoscaling" $v.name) }}
+{{- end }}
+{{- $variants = append $variants (dict "name" $v.name "model_path" $v.modelPath "engine" (default dict $v.engine) "deployment" $deployment) }}
+{{- $names = append $names .name }}
+{{- end }}
+{{- range $name, $_ := .Values.serve.weights }}
+{{- if not (has $name $names) }}
+{{- fail (printf "serve.weights names %q, which is not a variant (variants: %s)" $name (join ", " $names)) }}
+{{- end }}
+{{- end }}
+{{- $ing := .Values.serve.ingress }}
+{{- $ingressDeployment := dict "num_replicas" $ing.replicas "max_ongoing_requests" $ing.maxOngoingRequests "ray_actor_options" (dict "num_cpus" $ing.cpus) }}
+{{- $ingress := dict "deployment" $ingressDeployment "max_request_bytes" $ing.maxRequestBytes "ready_timeout_s" $ing.readyTimeoutS }}
+{{- $args := dict "model_alias" .Values.serve.modelAlias "variants" $variants "ingress" $ingress }}
+{{- $live := dict "name" "AmaliaIngress" "user_config" (dict "weights" (default dict .Values.serve.weights)) }}
+{{- $app := dict "name" "amalia" "import_path" "amalia_serve.app:build_app" "route_prefix" "/" "args" $args "deployments" (list $live) }}
+{{- $config := dict "proxy_location" "EveryNode" "http_options" (dict "host" "0.0.0.0" "port" 8000) "applications" (list $app) }}
+{{- toYaml $config }}
+{{- end }}
+
+{{/*
+Env shared by every Ray container: offline Hugging Face, where the pod runs (the tracing module
+reads POD_NAME, POD_NAMESPACE, NODE_NAME), and the OpenTelemetry exporter settings.
+RAY_AUTH_MODE is absent on purpose: KubeRay sets it from rayCluster.auth.mode.
+*/}}
+{{- define "amalia-serve.rayEnv" -}}
+- name: HF_HUB_OFFLINE
+  value: "1"
+- name: TRANSFORMERS_OFFLINE
+  value: "1"
+- name: HF_HOME
+  value: {{ printf "%s/.hf-home" .Values.models.mountPath | quote }}
+# The root filesystem is read-only: every cache a library writes goes under the /tmp emptyDir.
+- name: XDG_CACHE_HOME
+  value: /tmp/cache
+- name: TRITON_CACHE_DIR
+  value: /tmp/cache/triton
+- name: TORCHINDUCTOR_CACHE_DIR
+  value: /tmp/cache/torchinductor
+- name: POD_NAME
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.name
+- name: POD_NAMESPACE
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.namespace
+- name: NODE_NAME
+  valueFrom:
+    fieldRef:
+      fieldPath: spec.nodeName
+{{- with .Values.tracing }}
+{{- if .enabled }}
+- name: OTEL_EXPORTER_OTLP_ENDPOINT
+  value: {{ .endpoint | quote }}
+- name: OTEL_EXPORTER_OTLP_PROTOCOL
+  value: {{ .protocol | quote }}
+- name: OTEL_TRACES_SAMPLER
+  value: {{ .sampler | quote }}
+- name: OTEL_TRACES_SAMPLER_ARG
+  value: {{ .samplerArg | quote }}
+- name: OTEL_SERVICE_NAME
+  value: {{ .serviceName | quote }}
+{{- $attrs := list (printf "service.namespace=%s" $.Release.Namespace) }}
+{{- range $key, $value := .resourceAttributes }}
+{{- $attrs = append $attrs (printf "%s=%s" $key $value) }}
+{{- end }}
+- name: OTEL_RESOURCE_ATTRIBUTES
+  value: {{ join "," $attrs | quote }}
+{{- end }}
+{{- end }}
+{{- with .Values.extraEnv }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* Writable scratch space of every Ray pod: /tmp (Ray's session dir) and the object store. */}}
+{{- define "amalia-serve.rayScratchVolumes" -}}
+- name: tmp
+  emptyDir:
+    sizeLimit: {{ .Values.rayCluster.tmpSizeLimit }}
+- name: dshm
+  emptyDir:
+    medium: Memory
+    sizeLimit: {{ .Values.rayCluster.sharedMemorySize }}
+{{- end }}
+
+{{- define "amalia-serve.rayScratchMounts" -}}
+- name: tmp
+  mountPath: /tmp
+- name: dshm
+  mountPath: /dev/shm
+{{- end }}
+
+{{/* Volume holding the checkpoints; read-only unless the chart fills it itself. */}}
+{{- define "amalia-serve.modelVolume" -}}
+{{- $m := .Values.models }}
+- name: models
+{{- if eq $m.source "pvc" }}
+  persistentVolumeClaim:
+    claimName: {{ $m.pvc.claimName }}
+    readOnly: true
+{{- else if eq $m.source "hostPath" }}
+  hostPath:
+    path: {{ $m.hostPath.path }}
+    type: Directory
+{{- else }}
+  emptyDir:
+    sizeLimit: {{ $m.emptyDir.sizeLimit }}
+{{- end }}
+{{- end }}
+
+{{/*
+Init container that fills the emptyDir model volume with the user's command (e.g. a sync from
+in-house S3) before Ray starts on the worker.
+*/}}
+{{- define "amalia-serve.modelFillInitContainer" -}}
+{{- $m := .Values.models }}
+{{- if eq $m.source "emptyDir" }}
+- name: fill-models
+  image: {{ required "models.fill.image is required when models.source is emptyDir" $m.fill.image }}
+  command: {{ required "models.fill.command is required when models.source is emptyDir" $m.fill.command | toJson }}
+  {{- with $m.fill.env }}
+  env: {{ toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $m.fill.resources }}
+  resources: {{ toYaml . | nindent 4 }}
+  {{- end }}
+  securityContext: {{ toYaml $.Values.securityContext | nindent 4 }}
+  volumeMounts:
+    - name: models
+      mountPath: {{ $m.mountPath }}
+    - name: tmp
+      mountPath: /tmp
+{{- end }}
+{{- end }}
+
+{{/* Fails the render when the cluster lacks the RayService API (see kuberay.capabilityCheck). */}}
+{{- define "amalia-serve.checkCapabilities" -}}
+{{- $mode := .Values.kuberay.capabilityCheck }}
+{{- $api := .Capabilities.APIVersions }}
+{{- /* Every real API server serves apiregistration.k8s.io/v1; helm template's built-in list does not. */}}
+{{- $talksToCluster := $api.Has "apiregistration.k8s.io/v1" }}
+{{- $hasRay := or ($api.Has "ray.io/v1/RayService") ($api.Has "ray.io/v1") }}
+{{- if and (not $hasRay) (or (eq $mode "always") (and (eq $mode "auto") $talksToCluster)) }}
+{{- fail "this cluster does not serve ray.io/v1 RayService: install the KubeRay operator >= 1.3 first (https://docs.ray.io/en/latest/cluster/kubernetes/getting-started/kuberay-operator-installation.html), or pass --api-versions ray.io/v1/RayService to helm template" }}
+{{- end }}
+{{- end }}
+
+{{/* Whether a monitoring.coreos.com/v1 object is rendered: usage: include "amalia-serve.monitoringEnabled" (dict "enabled" .Values.x.enabled "root" $) */}}
+{{- define "amalia-serve.monitoringEnabled" -}}
+{{- $enabled := .enabled | toString }}
+{{- if or (eq $enabled "true") (and (eq $enabled "auto") (.root.Capabilities.APIVersions.Has "monitoring.coreos.com/v1")) }}true{{ end }}
+{{- end }}

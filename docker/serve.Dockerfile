@@ -1,0 +1,19 @@
+# Serving image: Ray 2.60.0 (CUDA, Python 3.11) plus amalia-serve. Runs as the image's non-root
+# `ray` user (uid 1000), which the chart's runAsUser matches. Build from the repository root:
+#   docker build -f docker/serve.Dockerfile -t registry.local/amalia/amalia-serve:0.1.0 .
+# Pin the base by digest in your registry mirror (rayproject/ray:2.60.0-py311-gpu@sha256:...).
+FROM rayproject/ray:2.60.0-py311-gpu
+
+WORKDIR /home/ray/amalia-serve
+COPY --chown=ray:users pyproject.toml README.md ./
+COPY --chown=ray:users serve/ serve/
+COPY --chown=ray:users operators/ operators/
+# Ray is already in the base image; the pin keeps pip from replacing it. The base's CUDA torch
+# satisfies the GPU install, so only the torch pin of pyproject (a CPU build) must not win:
+# install with the CUDA wheel index of your mirror (PIP_INDEX_URL / PIP_EXTRA_INDEX_URL).
+RUN pip install --no-cache-dir "ray[serve]==2.60.0" . \
+ && python -c "import amalia_serve, ray; assert ray.__version__ == '2.60.0'"
+
+# Weights come from a mounted volume only (the chart sets these too).
+ENV HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONDONTWRITEBYTECODE=1
+USER 1000

@@ -1,0 +1,122 @@
+"""`rollout status|promote|abort|retry NAME [-n NS]`: look at and steer a ModelRollout.
+
+Actions are requests, not commands: the CLI sets the `serving.amalia.pt/action` annotation and the
+operator carries it out on its next tick (and removes the annotation), exactly as `kubectl annotate`
+would. The lead wires this module as `amalia-serve rollout ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any, TextIO, cast
+
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+
+from amalia_operator.constants import ACTION_ANNOTATION, GROUP, PLURAL, VERSION
+from amalia_operator.kube import MERGE_PATCH, custom_objects_api
+from amalia_operator.models import RolloutStatus
+from amalia_operator.rollout import ACTIONS
+
+BAR_WIDTH = 20
+
+
+def weight_bar(weight: int) -> str:
+    filled = round(BAR_WIDTH * max(0, min(100, weight)) / 100)
+    return f"[{'#' * filled}{'.' * (BAR_WIDTH - filled)}] {weight}%"
+
+
+def format_status(obj: dict[str, Any]) -> str:
+    """Human summary: phase, step, canary weight as a bar, last analysis, conditions."""
+    spec = obj.get("spec") or {}
+    status = RolloutStatus.model_validate(obj.get("status") or {})
+    steps = spec.get("steps") or []
+    meta = obj.get("metadata") or {}
+    lines = [
+        f"Name:       {meta.get('namespace', '')}/{meta.get('name', '')}",
+        f"Stable:     {spec.get('stable', {}).get('name', '?')}",
+        f"Canary:     {spec.get('canary', {}).get('name', '?')}",
+        f"Phase:      {status.phase}",
+        f"Step:       {min(status.step_index, len(steps))}/{len(steps)}"
+        + (f" ({_step_text(steps[status.step_index])})" if status.step_index < len(steps) else ""),
+        f"Weight:     {weight_bar(status.canary_weight)}",
+        f"Message:    {status.message or '-'}",
+    ]
+    if status.observed_generation != meta.get("generation"):
+        lines.append(
+            f"(status describes generation {status.observed_generation}, "
+            f"object is at {meta.get('generation')}: the operator has not caught up)"
+        )
+    last = status.last_analysis
+    if last is not None:
+        lines.append(f"Analysis:   {last.outcome} at {last.time}")
+        lines.extend(f"  - {r.outcome:<12} {r.describe()}" for r in last.results)
+    for cond in status.conditions:
+        lines.append(
+            f"Condition:  {cond.type}={cond.status} {cond.reason}"
+            + (f": {cond.message}" if cond.message else "")
+        )
+    return "\n".join(lines)
+
+
+def _step_text(step: dict[str, Any]) -> str:
+    if "setWeight" in step:
+        return f"setWeight {step['setWeight']}"
+    if "pause" in step:
+        duration = (step["pause"] or {}).get("duration")
+        return f"pause {duration}" if duration else "pause until promoted"
+    return "analysis"
+
+
+def _default_namespace() -> str:
+    try:
+        _, context = config.list_kube_config_contexts(  # type: ignore[no-untyped-call]
+            os.getenv("KUBECONFIG")
+        )
+        return str(context["context"].get("namespace") or "default")
+    except (config.ConfigException, KeyError, TypeError):
+        return "default"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="amalia-serve rollout", description="Inspect or steer a ModelRollout."
+    )
+    parser.add_argument("command", choices=["status", *ACTIONS])
+    parser.add_argument("name", help="ModelRollout name")
+    parser.add_argument("-n", "--namespace", default=None, help="Namespace (default: kubeconfig's)")
+    return parser
+
+
+def main(
+    argv: list[str] | None = None,
+    out: TextIO = sys.stdout,
+    api: client.CustomObjectsApi | None = None,
+) -> int:
+    args = build_parser().parse_args(argv)
+    api = api or custom_objects_api()
+    namespace = args.namespace or _default_namespace()
+    try:
+        if args.command == "status":
+            obj = api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, args.name)
+            print(format_status(cast(dict[str, Any], obj)), file=out)
+        else:
+            body = {"metadata": {"annotations": {ACTION_ANNOTATION: args.command}}}
+            api.patch_namespaced_custom_object(
+                GROUP, VERSION, namespace, PLURAL, args.name, body, _content_type=MERGE_PATCH
+            )
+            print(
+                f"modelrollout {namespace}/{args.name}: {args.command} requested "
+                f"(the operator acts on its next tick)",
+                file=out,
+            )
+    except ApiException as exc:
+        print(f"error: {exc.status} {exc.reason}: {namespace}/{args.name}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,413 @@
+"""The ModelRollout CRD, in one place: this module is the source of truth for its schema.
+
+`python -m amalia_operator.crd` writes `operators/crd/*.yaml` (package data); the chart and
+`manifests/` copy those files, and a test proves the files are current. OpenAPI keywords refuse
+malformed fields; CEL rules (`x-kubernetes-validations`) refuse objects that are well-typed but
+meaningless, with a message a person can act on.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from amalia_operator.constants import BUILTIN_QUERIES, GROUP, KIND, PLURAL, SHORT_NAMES, VERSION
+from amalia_operator.models import DURATION_PATTERN, VARIANT_NAME_PATTERN, WINDOW_PATTERN
+
+CRD_DIR = Path(__file__).parent / "crd"
+CRD_NAME = f"{PLURAL}.{GROUP}"
+PEERING_GROUP = "kopf.dev"
+
+Schema = dict[str, Any]
+
+
+def _str(description: str, **extra: Any) -> Schema:
+    return {"type": "string", "description": description, **extra}
+
+
+def _int(description: str, **extra: Any) -> Schema:
+    return {"type": "integer", "description": description, **extra}
+
+
+def _num(description: str) -> Schema:
+    return {"type": "number", "description": description}
+
+
+def _obj(
+    description: str,
+    properties: dict[str, Schema],
+    required: list[str] | None = None,
+    rules: list[tuple[str, str]] | None = None,
+) -> Schema:
+    schema: Schema = {"type": "object", "description": description, "properties": properties}
+    if required:
+        schema["required"] = required
+    if rules:
+        schema["x-kubernetes-validations"] = [{"rule": r, "message": m} for r, m in rules]
+    return schema
+
+
+def _free(description: str) -> Schema:
+    return {
+        "type": "object",
+        "description": description,
+        "x-kubernetes-preserve-unknown-fields": True,
+    }
+
+
+def _list(description: str, items: Schema, **extra: Any) -> Schema:
+    return {"type": "array", "description": description, "items": items, **extra}
+
+
+def _variant(role: str) -> dict[str, Schema]:
+    return {
+        "name": _str(
+            f"{role} variant: Serve deployment name and served model id.",
+            pattern=VARIANT_NAME_PATTERN,
+            maxLength=63,
+        ),
+        "modelPath": _str(
+            f"Checkpoint directory of the {role} variant (local path or PVC mount).", minLength=1
+        ),
+    }
+
+
+def _metric() -> Schema:
+    builtins = ", ".join(f"'{name}'" for name in sorted(BUILTIN_QUERIES))
+    return _obj(
+        "One analysis metric: a PromQL query whose single value must stay within min..max.",
+        {
+            "name": _str(f"Metric name; the built-ins {builtins} need no query.", minLength=1),
+            "query": _str(
+                "PromQL instant query returning one series; `$variant` and `$window` are "
+                "replaced by the canary's name and analysis.window.",
+                minLength=1,
+            ),
+            "min": _num("Fail when the value is below this."),
+            "max": _num("Fail when the value is above this."),
+        },
+        required=["name"],
+        rules=[
+            (
+                f"has(self.query) || self.name in [{builtins}]",
+                f"a custom metric needs a query; only {builtins} have built-in queries",
+            ),
+            ("has(self.min) || has(self.max)", "a metric needs a min or a max threshold"),
+            (
+                "!has(self.min) || !has(self.max) || self.min <= self.max",
+                "metric min must not exceed max",
+            ),
+        ],
+    )
+
+
+def _step() -> Schema:
+    one_of = (
+        "(has(self.setWeight) ? 1 : 0) + (has(self.pause) ? 1 : 0) + (has(self.analysis) ? 1 : 0)"
+    )
+    return _obj(
+        "One rollout step: exactly one of setWeight, pause, analysis.",
+        {
+            "setWeight": _int(
+                "Percentage of the model alias's traffic sent to the canary.",
+                minimum=0,
+                maximum=100,
+            ),
+            "pause": _obj(
+                "Wait: for `duration`, or until a person promotes when it is absent.",
+                {
+                    "duration": _str(
+                        "How long to wait, e.g. 30s, 5m, 1h30m.", pattern=DURATION_PATTERN
+                    ),
+                },
+            ),
+            "analysis": _obj(
+                "Query Prometheus (spec.analysis) until the step passes or fails.",
+                {
+                    "successCount": _int(
+                        "Successful measurements needed; overrides spec.analysis.successCount.",
+                        minimum=1,
+                    ),
+                },
+            ),
+        },
+        rules=[(f"{one_of} == 1", "a step must set exactly one of setWeight, pause, analysis")],
+    )
+
+
+def _spec() -> Schema:
+    return _obj(
+        "Desired rollout: move the model alias's traffic from stable to canary step by step.",
+        {
+            "rayServiceName": _str(
+                "RayService (same namespace) whose serveConfigV2 is edited.", minLength=1
+            ),
+            "application": _str(
+                "Serve application inside the RayService (default `amalia`).", minLength=1
+            ),
+            "stable": _obj(
+                "The variant serving now; must be in the application's args.variants.",
+                _variant("stable"),
+                required=["name", "modelPath"],
+            ),
+            "canary": _obj(
+                "The new variant; added to args.variants from the stable's settings.",
+                {
+                    **_variant("canary"),
+                    "engine": _free("Engine settings merged over the stable variant's `engine`."),
+                    "deployment": _free(
+                        "Serve deployment options merged over the stable's `deployment`."
+                    ),
+                },
+                required=["name", "modelPath"],
+            ),
+            "steps": _list(
+                "Steps run in order; passing the last one promotes the canary.",
+                _step(),
+                minItems=1,
+                maxItems=100,
+            ),
+            "analysis": _obj(
+                "How analysis steps query and judge metrics.",
+                {
+                    "prometheusURL": _str(
+                        "Prometheus base URL (default http://prometheus.monitoring:9090).",
+                        minLength=1,
+                    ),
+                    "interval": _str(
+                        "Time between measurements (default 1m).", pattern=DURATION_PATTERN
+                    ),
+                    "window": _str(
+                        "Range selector for rate() in queries (default 1m).", pattern=WINDOW_PATTERN
+                    ),
+                    "failureLimit": _int(
+                        "Failed or inconclusive measurements tolerated per analysis "
+                        "step before rolling back (default 0).",
+                        minimum=0,
+                    ),
+                    "successCount": _int(
+                        "Successful measurements that pass an analysis step (default 1).", minimum=1
+                    ),
+                    "metrics": _list(
+                        "Metrics judged at each measurement (default: error-rate <= 0.01 "
+                        "and ttft-p95-seconds <= 2.0).",
+                        _metric(),
+                        minItems=1,
+                        **{"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+                    ),
+                },
+            ),
+            "scaleDownDelaySeconds": _int(
+                "Seconds between moving traffic off a variant and removing "
+                "it from the application (default 30).",
+                minimum=0,
+            ),
+            "progressDeadlineSeconds": _int(
+                "Seconds the canary may take to become HEALTHY before "
+                "the rollout rolls back (default 600).",
+                minimum=1,
+            ),
+        },
+        required=["rayServiceName", "stable", "canary", "steps"],
+        rules=[("self.stable.name != self.canary.name", "stable.name and canary.name must differ")],
+    )
+
+
+def _measurement(description: str) -> Schema:
+    result = _obj(
+        "One metric's verdict.",
+        {
+            "metric": _str("Metric name."),
+            "outcome": _str("Successful, Failed or Inconclusive."),
+            "value": _num("Measured value; absent when there was none."),
+            "min": _num("Lower threshold."),
+            "max": _num("Upper threshold."),
+            "message": _str("Why there is no value, when there is none."),
+        },
+    )
+    return _obj(
+        description,
+        {
+            "outcome": _str(
+                "Successful, Failed or Inconclusive (a failure unless every metric passed)."
+            ),
+            "time": _str("When it was measured (RFC 3339).", format="date-time"),
+            "results": _list("Per-metric verdicts.", result),
+        },
+    )
+
+
+def _status() -> Schema:
+    condition = _obj(
+        "Kubernetes-style condition.",
+        {
+            "type": _str("Ready, Progressing or Analysing."),
+            "status": _str("True, False or Unknown.", enum=["True", "False", "Unknown"]),
+            "reason": _str("CamelCase reason."),
+            "message": _str("Human-readable detail."),
+            "lastTransitionTime": _str("When status last changed.", format="date-time"),
+        },
+        required=["type", "status"],
+    )
+    return _obj(
+        "Observed progress; everything needed to resume after a restart.",
+        {
+            "observedGeneration": {
+                "type": "integer",
+                "format": "int64",
+                "description": "metadata.generation this status describes.",
+            },
+            "phase": _str(
+                "Pending, Progressing, Paused, Promoted, RolledBack or Failed (from conditions)."
+            ),
+            "message": _str("What the rollout is doing or waiting for."),
+            "stage": _str(
+                "Internal stage: Deploying, Stepping, Promoting, Promoted, RollingBack, "
+                "RolledBack, Failed."
+            ),
+            "rolloutHash": _str("Hash of stable, canary and steps; a change restarts the rollout."),
+            "canaryName": _str("Canary variant this rollout added."),
+            "stepIndex": _int("Index of the current step; len(steps) when all passed."),
+            "canaryWeight": _int("Canary's current traffic percentage."),
+            "stepStartedAt": _str("When the current step started.", format="date-time"),
+            "stageEnteredAt": _str("When the current stage started.", format="date-time"),
+            "abortedAt": _str("When a person aborted.", format="date-time"),
+            "analysis": _obj(
+                "Progress of the running analysis step.",
+                {
+                    "stepIndex": _int("Step this progress belongs to."),
+                    "successes": _int("Successful measurements so far."),
+                    "failures": _int("Failed or inconclusive measurements so far."),
+                    "last": _measurement("Latest measurement of this step."),
+                },
+            ),
+            "lastAnalysis": _measurement("Latest measurement of any step."),
+            "conditions": _list(
+                "Ready, Progressing and Analysing.",
+                condition,
+                **{"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+            ),
+        },
+    )
+
+
+def open_api_schema() -> Schema:
+    return _obj(
+        f"{KIND}: a step-by-step traffic shift between two model variants of a RayService.",
+        {
+            "apiVersion": {"type": "string"},
+            "kind": {"type": "string"},
+            "metadata": {"type": "object"},
+            "spec": _spec(),
+            "status": _status(),
+        },
+        required=["spec"],
+    )
+
+
+def modelrollout_crd() -> dict[str, Any]:
+    column = [
+        ("Phase", "string", ".status.phase"),
+        ("Canary weight", "integer", ".status.canaryWeight"),
+        ("Step", "integer", ".status.stepIndex"),
+        ("Age", "date", ".metadata.creationTimestamp"),
+    ]
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": CRD_NAME},
+        "spec": {
+            "group": GROUP,
+            "scope": "Namespaced",
+            "names": {
+                "kind": KIND,
+                "listKind": f"{KIND}List",
+                "plural": PLURAL,
+                "singular": KIND.lower(),
+                "shortNames": SHORT_NAMES,
+            },
+            "versions": [
+                {
+                    "name": VERSION,
+                    "served": True,
+                    "storage": True,
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": [
+                        {"name": n, "type": t, "jsonPath": p} for n, t, p in column
+                    ]
+                    + [
+                        {
+                            "name": "Message",
+                            "type": "string",
+                            "jsonPath": ".status.message",
+                            "priority": 1,
+                        }
+                    ],
+                    "schema": {"openAPIV3Schema": open_api_schema()},
+                }
+            ],
+        },
+    }
+
+
+def peering_crd(scope: str) -> dict[str, Any]:
+    """kopf's peering CRDs (kopf.dev/v1): replicas announce themselves in the object's status."""
+    kind = "ClusterKopfPeering" if scope == "Cluster" else "KopfPeering"
+    plural = kind.lower() + "s"
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{plural}.{PEERING_GROUP}"},
+        "spec": {
+            "group": PEERING_GROUP,
+            "scope": scope,
+            "names": {"kind": kind, "plural": plural, "singular": kind.lower()},
+            "versions": [
+                {
+                    "name": "v1",
+                    "served": True,
+                    "storage": True,
+                    "schema": {
+                        "openAPIV3Schema": {
+                            "type": "object",
+                            "properties": {
+                                "status": {
+                                    "type": "object",
+                                    "x-kubernetes-preserve-unknown-fields": True,
+                                }
+                            },
+                        }
+                    },
+                }
+            ],
+        },
+    }
+
+
+def rendered() -> dict[str, str]:
+    """File name -> YAML text of every CRD the operator needs."""
+    docs = {
+        f"{CRD_NAME}.yaml": modelrollout_crd(),
+        f"clusterkopfpeerings.{PEERING_GROUP}.yaml": peering_crd("Cluster"),
+        f"kopfpeerings.{PEERING_GROUP}.yaml": peering_crd("Namespaced"),
+    }
+    header = "# Generated by `python -m amalia_operator.crd` from operators/crd.py; do not edit.\n"
+    return {
+        name: header + yaml.safe_dump(doc, sort_keys=False, width=100) for name, doc in docs.items()
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    out = Path(argv[0]) if argv else CRD_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in rendered().items():
+        (out / name).write_text(text, encoding="utf-8")
+        print(f"wrote {out / name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

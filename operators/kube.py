@@ -1,0 +1,123 @@
+"""RayService access: read it, and change spec.serveConfigV2 without losing anyone else's write.
+
+Every write is a JSON merge patch that carries the `metadata.resourceVersion` we read. The API
+server applies the merge and then runs its optimistic-concurrency check, so a stale version is
+refused with 409 Conflict, the standard signal for "re-read and recompute". We chose this over a
+JSON patch with a `test` op on /metadata/resourceVersion because a failed `test` comes back as 422
+Unprocessable Entity, which cannot be told apart from a genuinely invalid patch (kopf's own client
+treats it that way). On 409 we re-read the object and re-run the edit function on the fresh
+serveConfigV2, so a concurrent change by KubeRay, Helm or a person is kept, never overwritten.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import Any, cast
+
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+
+from amalia_operator import serveconfig
+from amalia_operator.constants import CONFLICT_RETRIES, RAY_GROUP, RAY_PLURAL, RAY_VERSION
+from amalia_operator.rollout import ServeObservation
+
+logger = logging.getLogger(__name__)
+MERGE_PATCH = "application/merge-patch+json"
+
+
+class ConflictRetriesExhausted(RuntimeError):
+    """Every attempt met a newer resourceVersion; the next tick tries again."""
+
+
+def observe(rayservice: dict[str, Any] | None, app: str) -> ServeObservation | None:
+    """The state machine's view of one application; None when it cannot be found."""
+    if rayservice is None:
+        return None
+    text = (rayservice.get("spec") or {}).get("serveConfigV2")
+    if not isinstance(text, str):
+        return None
+    try:
+        view = serveconfig.observe(text, app)
+    except serveconfig.ServeConfigError:
+        return None
+    active = (rayservice.get("status") or {}).get("activeServiceStatus") or {}
+    app_status = (active.get("applicationStatuses") or {}).get(app) or {}
+    deployments = app_status.get("serveDeploymentStatuses") or {}
+    health = {name: str((d or {}).get("status", "")) for name, d in deployments.items()}
+    return ServeObservation(variants=view.variants, weights=view.weights, deployment_status=health)
+
+
+class RayServices:
+    def __init__(self, api: client.CustomObjectsApi, retry_delay_s: float = 0.2):
+        self.api = api
+        self.retry_delay_s = retry_delay_s
+
+    def read(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            obj = cast(
+                dict[str, Any],
+                self.api.get_namespaced_custom_object(
+                    RAY_GROUP, RAY_VERSION, namespace, RAY_PLURAL, name
+                ),
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return obj
+
+    def edit_serve_config(self, namespace: str, name: str, edit: Callable[[str], str]) -> bool:
+        """Applies `edit` to the live serveConfigV2; returns False when it changed nothing."""
+        for attempt in range(1, CONFLICT_RETRIES + 1):
+            obj = self.read(namespace, name)
+            if obj is None:
+                raise LookupError(f"RayService {namespace}/{name} not found")
+            text = obj["spec"]["serveConfigV2"]
+            new_text = edit(text)
+            if new_text == text:
+                return False
+            body = {
+                "metadata": {"resourceVersion": obj["metadata"]["resourceVersion"]},
+                "spec": {"serveConfigV2": new_text},
+            }
+            try:
+                self.api.patch_namespaced_custom_object(
+                    RAY_GROUP,
+                    RAY_VERSION,
+                    namespace,
+                    RAY_PLURAL,
+                    name,
+                    body,
+                    _content_type=MERGE_PATCH,
+                )
+                return True
+            except ApiException as exc:
+                if exc.status != 409:
+                    raise
+                logger.info(
+                    "RayService %s/%s changed under us (409, attempt %d/%d); re-reading",
+                    namespace,
+                    name,
+                    attempt,
+                    CONFLICT_RETRIES,
+                )
+                time.sleep(self.retry_delay_s * attempt)
+        raise ConflictRetriesExhausted(
+            f"RayService {namespace}/{name}: {CONFLICT_RETRIES} conflicting writes in a row"
+        )
+
+
+def custom_objects_api() -> client.CustomObjectsApi:
+    """In-cluster service account when running in a pod, else the current kubeconfig context."""
+    try:
+        config.load_incluster_config()  # type: ignore[no-untyped-call]
+    except config.ConfigException:
+        # The client reads $KUBECONFIG once at import; read it now so a late-set value counts.
+        api_client = config.new_client_from_config(  # type: ignore[no-untyped-call]
+            os.getenv("KUBECONFIG")
+        )
+        return client.CustomObjectsApi(api_client)
+    return client.CustomObjectsApi()

@@ -1,0 +1,444 @@
+"""The rollout state machine: (spec, status, observations, now) -> next status and the one edit to
+make.
+
+Pure: no kopf, no kubernetes, no clock, no network. Every input that changes over time (the
+RayService's variants, weights and deployment health, a Prometheus measurement, a person's action,
+the time) comes in as an argument, so every path is unit-tested in milliseconds and a restarted
+operator that re-reads the same status makes the same decision. Edits are idempotent
+(add-if-missing, set weights, remove-if-present), so repeating one after a crash between "RayService
+patched" and "status written" is harmless.
+
+Stages (kept in status.stage): Deploying -> Stepping (steps[stepIndex]) -> Promoting -> Promoted, or
+at any point RollingBack -> RolledBack. Conditions are computed from the stage; `phase` is derived
+from them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Literal
+
+from amalia_operator.models import (
+    AnalysisProgress,
+    Condition,
+    Measurement,
+    RolloutSpec,
+    RolloutStatus,
+    Stage,
+    Step,
+    parse_duration,
+)
+
+Action = Literal["promote", "abort", "retry"]
+ACTIONS: tuple[Action, ...] = ("promote", "abort", "retry")
+HEALTHY = "HEALTHY"
+# Serve gives up on a deployment in this state; waiting longer will not help.
+DEPLOY_FAILED = "DEPLOY_FAILED"
+ACTIVE_STAGES: tuple[Stage, ...] = ("Deploying", "Stepping", "Promoting")
+
+
+@dataclass(frozen=True)
+class ServeObservation:
+    """What the RayService says about our application (None in Observations: not found)."""
+
+    variants: tuple[str, ...]
+    weights: dict[str, int]
+    deployment_status: dict[str, str]
+
+
+@dataclass(frozen=True)
+class Observations:
+    serve: ServeObservation | None
+    measurement: Measurement | None = None
+    action: Action | None = None
+
+
+@dataclass(frozen=True)
+class ServeEdit:
+    """Desired change to serveConfigV2: ensure the canary variant, drop one variant, set the
+    weights.
+    """
+
+    weights: dict[str, int]
+    add_canary: bool = False
+    remove: str | None = None
+
+
+@dataclass(frozen=True)
+class Event:
+    type: Literal["Normal", "Warning"]
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Decision:
+    status: RolloutStatus
+    edit: ServeEdit | None = None
+    events: tuple[Event, ...] = ()
+    action_consumed: bool = False
+
+
+def rfc3339(now: datetime) -> str:
+    return now.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(text: str) -> datetime:
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+
+
+def rollout_hash(spec: RolloutSpec) -> str:
+    """Identifies the intent (variants and steps); analysis tuning may change in flight."""
+    intent = {
+        "stable": spec.stable.wire(),
+        "canary": spec.canary.wire(),
+        "steps": [s.wire() for s in spec.steps],
+    }
+    return hashlib.sha256(json.dumps(intent, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def describe_step(step: Step) -> str:
+    if step.set_weight is not None:
+        return f"setWeight {step.set_weight}"
+    if step.pause is not None:
+        return f"pause {step.pause.duration}" if step.pause.duration else "pause (until promoted)"
+    return "analysis"
+
+
+def measurement_due(spec: RolloutSpec, status: RolloutStatus, now: datetime) -> bool:
+    """Whether the caller should query Prometheus before calling `advance`."""
+    if status.stage != "Stepping" or status.rollout_hash != rollout_hash(spec):
+        return False
+    if status.step_index >= len(spec.steps) or spec.steps[status.step_index].analysis is None:
+        return False
+    progress = status.analysis
+    if progress is None or progress.step_index != status.step_index or progress.last is None:
+        return True
+    return bool(now >= parse_time(progress.last.time) + spec.analysis.interval_td)
+
+
+def advance(
+    spec: RolloutSpec, generation: int, status: RolloutStatus, obs: Observations, now: datetime
+) -> Decision:
+    """One tick of the state machine."""
+    machine = _Tick(spec, status.model_copy(deep=True), obs, now)
+    machine.run()
+    new = machine.status
+    new.observed_generation = generation
+    new.conditions = _merge_conditions(status.conditions, _conditions(spec, new), now)
+    new.phase = derive_phase(new.conditions)
+    return Decision(new, machine.edit, tuple(machine.events), machine.action_consumed)
+
+
+def derive_phase(conditions: list[Condition]) -> str:
+    """Phase is a one-word summary of the conditions, never the other way round."""
+    by_type = {c.type: c for c in conditions}
+    ready, progressing = by_type.get("Ready"), by_type.get("Progressing")
+    if ready is not None and ready.status == "True":
+        return "Promoted"
+    if ready is not None and ready.reason == "RolledBack":
+        return "RolledBack"
+    if progressing is None:
+        return "Pending"
+    if progressing.status == "True":
+        return "Progressing"
+    if progressing.status == "Unknown" and progressing.reason == "Paused":
+        return "Paused"
+    return "Failed"
+
+
+class _Tick:
+    """Mutable scratch space for one `advance` call."""
+
+    def __init__(self, spec: RolloutSpec, status: RolloutStatus, obs: Observations, now: datetime):
+        self.spec, self.status, self.obs, self.now = spec, status, obs, now
+        self.edit: ServeEdit | None = None
+        self.events: list[Event] = []
+        self.action_consumed = False
+
+    # --- transitions -------------------------------------------------------------------------
+    def run(self) -> None:
+        if self.status.rollout_hash != rollout_hash(self.spec):
+            self._start(restart=self.status.rollout_hash is not None)
+            return
+        if self.obs.action is not None:
+            self.action_consumed = True
+            if self._act(self.obs.action):
+                return
+        stage = self.status.stage
+        if stage in ("Promoted", "RolledBack", "Failed"):
+            return
+        serve = self.obs.serve
+        if serve is None:
+            self.status.message = (
+                f"waiting for RayService {self.spec.ray_service_name} application "
+                f"{self.spec.application}"
+            )
+            return
+        if stage == "Deploying":
+            self._deploying(serve)
+        elif stage == "Stepping":
+            self._stepping(serve)
+        elif stage == "Promoting":
+            self._after_delay(
+                self.spec.stable.name, "Promoted", f"promoted {self.spec.canary.name}"
+            )
+        elif stage == "RollingBack":
+            self._after_delay(self.spec.canary.name, "RolledBack", self.status.message)
+
+    def _enter(self, stage: Stage, message: str) -> None:
+        self.status.stage = stage
+        self.status.stage_entered_at = rfc3339(self.now)
+        self.status.message = message
+
+    def _start(self, restart: bool) -> None:
+        previous_canary_live = (
+            self.status.stage in (*ACTIVE_STAGES, "RollingBack")
+            and self.status.rollout_hash is not None
+        )
+        old = self.status
+        self.status = RolloutStatus(
+            rollout_hash=rollout_hash(self.spec),
+            canary_name=self.spec.canary.name,
+            conditions=old.conditions,
+            last_analysis=old.last_analysis,
+        )
+        self._enter("Deploying", f"deploying canary {self.spec.canary.name}")
+        stale = _stale_canary(old, self.spec) if previous_canary_live else None
+        self.edit = self._weights_edit(0, add_canary=True, remove=stale)
+        if restart:
+            self.events.append(
+                Event("Normal", "RolloutRestarted", "spec changed: starting at step 0")
+            )
+
+    def _act(self, action: Action) -> bool:
+        """Applies a person's action; returns True when it decided this tick."""
+        stage = self.status.stage
+        if action == "abort" and stage in ACTIVE_STAGES:
+            self.status.aborted_at = rfc3339(self.now)
+            self._rollback("Aborted", "aborted by a person")
+            return True
+        if action == "retry" and stage in ("RolledBack", "RollingBack", "Failed"):
+            self.status.rollout_hash = None
+            self._start(restart=False)
+            self.events.append(Event("Normal", "RolloutRetried", "retry: starting at step 0"))
+            return True
+        if action == "promote" and stage == "Stepping":
+            step = self._step()
+            if step is not None and step.pause is not None:
+                self._next_step(f"pause at step {self.status.step_index} promoted by a person")
+            else:
+                self._promote("promoted in full by a person")
+            return True
+        self.events.append(
+            Event("Warning", "ActionIgnored", f"{action} does nothing in stage {stage}")
+        )
+        return False
+
+    def _deploying(self, serve: ServeObservation) -> None:
+        stable, canary = self.spec.stable.name, self.spec.canary.name
+        if stable not in serve.variants:
+            self._enter(
+                "Failed",
+                f"stable variant {stable} is not in application "
+                f"{self.spec.application}; variants: {list(serve.variants)}",
+            )
+            self.events.append(Event("Warning", "StableVariantNotFound", self.status.message))
+            return
+        if canary not in serve.variants:
+            self.edit = self._weights_edit(0, add_canary=True)
+            return
+        health = serve.deployment_status.get(canary, "missing")
+        if health == HEALTHY:
+            self._enter("Stepping", f"canary {canary} is healthy")
+            self.status.step_index = 0
+            self.status.step_started_at = rfc3339(self.now)
+            self.events.append(Event("Normal", "CanaryHealthy", self.status.message))
+            return
+        deadline = parse_time(self.status.stage_entered_at or rfc3339(self.now)) + timedelta(
+            seconds=self.spec.progress_deadline_seconds
+        )
+        if health == DEPLOY_FAILED or self.now >= deadline:
+            self._rollback("CanaryUnhealthy", f"canary {canary} not healthy: Serve says {health}")
+            return
+        self.status.message = f"waiting for canary {canary} to be HEALTHY (now {health})"
+
+    def _stepping(self, serve: ServeObservation) -> None:
+        step = self._step()
+        if step is None:
+            self._promote(f"all {len(self.spec.steps)} steps passed")
+            return
+        if step.set_weight is not None:
+            self.edit = self._weights_edit(step.set_weight)
+            self.status.canary_weight = step.set_weight
+            self._next_step(f"canary weight set to {step.set_weight}%")
+        elif step.pause is not None:
+            self._paused(step.pause.duration)
+        else:
+            self._analysis(step)
+
+    def _paused(self, duration: str | None) -> None:
+        if duration is None:
+            self.status.message = f"paused at step {self.status.step_index}: waiting for promote"
+            return
+        started = parse_time(self.status.step_started_at or rfc3339(self.now))
+        until = started + parse_duration(duration)
+        if self.now >= until:
+            self._next_step(f"pause of {duration} ended")
+        else:
+            self.status.message = f"paused at step {self.status.step_index} until {rfc3339(until)}"
+
+    def _analysis(self, step: Step) -> None:
+        index = self.status.step_index
+        progress = self.status.analysis
+        if progress is None or progress.step_index != index:
+            progress = self.status.analysis = AnalysisProgress(step_index=index)
+        measurement = self.obs.measurement
+        if measurement is None:
+            self.status.message = f"analysis at step {index}: waiting for the next measurement"
+            return
+        progress.last = measurement
+        self.status.last_analysis = measurement
+        if measurement.outcome == "Successful":
+            progress.successes += 1
+        else:
+            progress.failures += 1
+        settings = self.spec.analysis
+        needed = (
+            step.analysis.success_count
+            if step.analysis and step.analysis.success_count
+            else settings.success_count
+        )
+        bad = [r.describe() for r in measurement.results if r.outcome != "Successful"]
+        if progress.failures > settings.failure_limit:
+            self._rollback(
+                "AnalysisFailed",
+                f"analysis at step {index} failed "
+                f"{progress.failures} time(s), limit {settings.failure_limit}: " + "; ".join(bad),
+            )
+        elif progress.successes >= needed:
+            self._next_step(f"analysis at step {index} passed")
+        else:
+            detail = "; ".join(bad) if bad else "ok"
+            self.status.message = (
+                f"analysis at step {index}: {progress.successes}/{needed} passed, "
+                f"{progress.failures}/{settings.failure_limit} failures tolerated "
+                f"(last: {measurement.outcome}: {detail})"
+            )
+
+    def _next_step(self, message: str) -> None:
+        self.status.step_index += 1
+        self.status.step_started_at = rfc3339(self.now)
+        self.status.message = message
+
+    def _promote(self, message: str) -> None:
+        self._enter("Promoting", message)
+        self.status.step_index = len(self.spec.steps)
+        self.status.canary_weight = 100
+        self.edit = self._weights_edit(100)
+        self.events.append(Event("Normal", "Promoting", message))
+
+    def _rollback(self, reason: str, message: str) -> None:
+        self._enter("RollingBack", message)
+        self.status.canary_weight = 0
+        self.edit = self._weights_edit(0)
+        self.events.append(Event("Warning", reason, f"rolled back: {message}"))
+
+    def _after_delay(self, leaving: str, final: Stage, message: str) -> None:
+        """Drops the variant that lost its traffic once in-flight requests had time to finish."""
+        entered = parse_time(self.status.stage_entered_at or rfc3339(self.now))
+        if self.now < entered + timedelta(seconds=self.spec.scale_down_delay_seconds):
+            return
+        keep = self.spec.canary.name if final == "Promoted" else self.spec.stable.name
+        self.edit = ServeEdit(weights={keep: 100}, remove=leaving)
+        self.status.stage = final
+        self.status.message = message
+        self.events.append(Event("Normal", final, f"{message}; removed variant {leaving}"))
+
+    # --- helpers -------------------------------------------------------------------------------
+    def _step(self) -> Step | None:
+        index = self.status.step_index
+        return self.spec.steps[index] if index < len(self.spec.steps) else None
+
+    def _weights_edit(
+        self, canary_weight: int, add_canary: bool = False, remove: str | None = None
+    ) -> ServeEdit:
+        weights = {self.spec.stable.name: 100 - canary_weight, self.spec.canary.name: canary_weight}
+        return ServeEdit(weights=weights, add_canary=add_canary, remove=remove)
+
+
+def _stale_canary(old: RolloutStatus, spec: RolloutSpec) -> str | None:
+    """The canary an interrupted earlier rollout of this object left behind, if spec renamed it."""
+    name = old.canary_name
+    return name if name not in (None, spec.canary.name, spec.stable.name) else None
+
+
+def _conditions(spec: RolloutSpec, status: RolloutStatus) -> list[Condition]:
+    """Desired conditions for the stage; lastTransitionTime is filled in by `_merge_conditions`."""
+    stage, msg = status.stage, status.message
+    ready: tuple[str, str]
+    progressing: tuple[str, str]
+    if stage == "Promoted":
+        ready, progressing = ("True", "Promoted"), ("False", "RolloutComplete")
+    elif stage in ("RollingBack", "RolledBack"):
+        ready, progressing = ("False", "RolledBack"), ("False", "RolledBack")
+    elif stage == "Failed":
+        ready, progressing = ("False", "RolloutFailed"), ("False", "RolloutFailed")
+    elif stage == "Deploying":
+        ready, progressing = ("False", "CanaryDeploying"), ("True", "CanaryDeploying")
+    elif stage == "Promoting":
+        ready, progressing = ("False", "Promoting"), ("True", "Promoting")
+    else:
+        index = status.step_index
+        step = spec.steps[index] if index < len(spec.steps) else None
+        paused = step is not None and step.pause is not None
+        ready = ("False", "RolloutInProgress")
+        progressing = ("Unknown", "Paused") if paused else ("True", "StepRunning")
+    out = [_cond("Ready", *ready, msg), _cond("Progressing", *progressing, msg)]
+    analysing = _analysing(spec, status)
+    if analysing is not None:
+        out.append(analysing)
+    return out
+
+
+def _analysing(spec: RolloutSpec, status: RolloutStatus) -> Condition | None:
+    index = status.step_index
+    running = (
+        status.stage == "Stepping"
+        and index < len(spec.steps)
+        and spec.steps[index].analysis is not None
+    )
+    if running:
+        return _cond("Analysing", "True", "Running", f"analysis at step {index}")
+    last = status.last_analysis
+    if last is None:
+        return None
+    detail = "; ".join(r.describe() for r in last.results)
+    return _cond("Analysing", "False", last.outcome, detail)
+
+
+def _cond(ctype: str, cstatus: str, reason: str, message: str) -> Condition:
+    return Condition.model_validate(
+        {
+            "type": ctype,
+            "status": cstatus,
+            "reason": reason,
+            "message": message,
+            "lastTransitionTime": "",
+        }
+    )
+
+
+def _merge_conditions(old: list[Condition], new: list[Condition], now: datetime) -> list[Condition]:
+    """Keeps lastTransitionTime when a condition's status did not change (Kubernetes convention)."""
+    previous = {c.type: c for c in old}
+    merged = []
+    for cond in new:
+        before = previous.get(cond.type)
+        same = before is not None and before.status == cond.status
+        cond.last_transition_time = before.last_transition_time if same and before else rfc3339(now)
+        merged.append(cond)
+    return merged

@@ -1,0 +1,265 @@
+"""Pure edits of a RayService `spec.serveConfigV2` YAML string that leave every other byte alone.
+
+A serveConfigV2 is written by people and by Helm; re-dumping the whole document would re-quote,
+re-indent and re-order parts the operator has no business touching (and show up as a diff in GitOps
+tools). So each edit locates the one YAML node it changes (PyYAML's composer gives exact character
+offsets) and splices new text into that span only: replace a node, add a key to a mapping, append or
+drop one sequence item. Text outside the span is never rewritten.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+from amalia_operator.constants import INGRESS_DEPLOYMENT_NAME
+from amalia_operator.models import CanaryVariant
+from amalia_operator.rollout import ServeEdit
+
+_WIDTH = 1 << 16  # never fold long lines (model paths, runtime_env URLs)
+
+
+class ServeConfigError(ValueError):
+    """The serveConfigV2 does not have the shape the operator needs to edit."""
+
+
+@dataclass(frozen=True)
+class AppView:
+    variants: tuple[str, ...]
+    weights: dict[str, int]
+
+
+def observe(text: str, app: str) -> AppView:
+    """Variant names and live ingress weights of one application."""
+    application = _app_data(yaml.safe_load(text) or {}, app)
+    variants = tuple(v["name"] for v in _variants_data(application, app))
+    for dep in application.get("deployments") or []:
+        if dep.get("name") == INGRESS_DEPLOYMENT_NAME:
+            weights = (dep.get("user_config") or {}).get("weights")
+            if weights is not None:
+                return AppView(variants, dict(weights))
+    routing = (application.get("args") or {}).get("routing") or {}
+    return AppView(variants, dict(routing.get("weights") or {}))
+
+
+def apply_edit(text: str, app: str, edit: ServeEdit, canary: CanaryVariant, stable: str) -> str:
+    """Applies one idempotent ServeEdit; returns `text` unchanged when nothing needs changing."""
+    view = observe(text, app)
+    if edit.remove is not None and edit.remove in view.variants:
+        text = remove_variant(text, app, edit.remove)
+    if edit.add_canary and canary.name not in view.variants:
+        text = add_variant(text, app, canary_entry(text, app, canary, stable))
+    text = set_weights(text, app, edit.weights)
+    if edit.remove is not None:
+        text = _drop_from_routing_weights(text, app, edit.remove, edit.weights)
+    return text
+
+
+def canary_entry(text: str, app: str, canary: CanaryVariant, stable: str) -> dict[str, Any]:
+    """The canary's `args.variants` entry: the stable's engine/deployment with the canary's
+    overrides.
+    """
+    application = _app_data(yaml.safe_load(text) or {}, app)
+    base = next((v for v in _variants_data(application, app) if v.get("name") == stable), None)
+    if base is None:
+        raise ServeConfigError(f"stable variant {stable!r} not in application {app!r}")
+    entry: dict[str, Any] = {"name": canary.name, "model_path": canary.model_path}
+    for key, override in (("engine", canary.engine), ("deployment", canary.deployment)):
+        merged = _deep_merge(copy.deepcopy(base.get(key) or {}), override or {})
+        if merged or key in base:
+            entry[key] = merged
+    return entry
+
+
+def add_variant(text: str, app: str, entry: dict[str, Any]) -> str:
+    node = _variants_node(yaml.compose(text), app)
+    return _append_item(text, node, entry)
+
+
+def remove_variant(text: str, app: str, name: str) -> str:
+    node = _variants_node(yaml.compose(text), app)
+    for index, item in enumerate(node.value):
+        if isinstance(item, MappingNode) and _scalar(_get(item, "name")) == name:
+            return _remove_item(text, node, index)
+    return text
+
+
+def set_weights(text: str, app: str, weights: dict[str, int]) -> str:
+    """Sets `deployments[name=AmaliaIngress].user_config.weights`, creating what is missing."""
+    app_node = _app_node(yaml.compose(text), app)
+    deployments = _get(app_node, "deployments")
+    ingress_entry = {"name": INGRESS_DEPLOYMENT_NAME, "user_config": {"weights": weights}}
+    if deployments is None or not isinstance(deployments, SequenceNode):
+        if deployments is not None:
+            return _replace(text, deployments, [ingress_entry])
+        return _insert_key(text, app_node, "deployments", [ingress_entry])
+    entry = next(
+        (
+            d
+            for d in deployments.value
+            if isinstance(d, MappingNode) and _scalar(_get(d, "name")) == INGRESS_DEPLOYMENT_NAME
+        ),
+        None,
+    )
+    if entry is None:
+        return _append_item(text, deployments, ingress_entry)
+    user_config = _get(entry, "user_config")
+    if not isinstance(user_config, MappingNode):
+        if user_config is not None:
+            return _replace(text, user_config, {"weights": weights})
+        return _insert_key(text, entry, "user_config", {"weights": weights})
+    current = _get(user_config, "weights")
+    if current is None:
+        return _insert_key(text, user_config, "weights", weights)
+    if _value(current) == weights:
+        return text
+    return _replace(text, current, weights)
+
+
+def _drop_from_routing_weights(text: str, app: str, removed: str, weights: dict[str, int]) -> str:
+    """`args.routing.weights` must not name a removed variant (serve args validation refuses it)."""
+    args = _get(_app_node(yaml.compose(text), app), "args")
+    routing = _get(args, "routing") if isinstance(args, MappingNode) else None
+    node = _get(routing, "weights") if isinstance(routing, MappingNode) else None
+    if node is None or removed not in (_value(node) or {}):
+        return text
+    return _replace(text, node, weights)
+
+
+# --- locating nodes ---------------------------------------------------------------------------
+def _app_data(doc: Any, app: str) -> dict[str, Any]:
+    for application in (doc.get("applications") or []) if isinstance(doc, dict) else []:
+        if isinstance(application, dict) and application.get("name") == app:
+            return application
+    raise ServeConfigError(f"serveConfigV2 has no application named {app!r}")
+
+
+def _variants_data(application: dict[str, Any], app: str) -> list[dict[str, Any]]:
+    variants = (application.get("args") or {}).get("variants")
+    if not isinstance(variants, list):
+        raise ServeConfigError(f"application {app!r} has no args.variants list")
+    return variants
+
+
+def _app_node(root: Node | None, app: str) -> MappingNode:
+    apps = _get(root, "applications") if isinstance(root, MappingNode) else None
+    for node in apps.value if isinstance(apps, SequenceNode) else []:
+        if isinstance(node, MappingNode) and _scalar(_get(node, "name")) == app:
+            return node
+    raise ServeConfigError(f"serveConfigV2 has no application named {app!r}")
+
+
+def _variants_node(root: Node | None, app: str) -> SequenceNode:
+    args = _get(_app_node(root, app), "args")
+    variants = _get(args, "variants") if isinstance(args, MappingNode) else None
+    if not isinstance(variants, SequenceNode):
+        raise ServeConfigError(f"application {app!r} has no args.variants list")
+    return variants
+
+
+def _get(mapping: Node | None, key: str) -> Node | None:
+    if not isinstance(mapping, MappingNode):
+        return None
+    return next((v for k, v in mapping.value if _scalar(k) == key), None)
+
+
+def _value(node: Node) -> Any:
+    return yaml.SafeLoader("").construct_document(node)
+
+
+def _scalar(node: Node | None) -> str | None:
+    return node.value if isinstance(node, ScalarNode) else None
+
+
+# --- spans and splicing -----------------------------------------------------------------------
+def _start(node: Node) -> int:
+    return int(node.start_mark.index)
+
+
+def _end(node: Node) -> int:
+    """End of the node's own text: block collections end at their last descendant, not at the next
+    token (PyYAML's block end mark swallows trailing blank lines and comments).
+    """
+    if isinstance(node, (MappingNode, SequenceNode)) and not node.flow_style and node.value:
+        last = node.value[-1]
+        return _end(last[1] if isinstance(last, tuple) else last)
+    end = int(node.end_mark.index)
+    text = node.end_mark.buffer
+    while end > _start(node) and text is not None and text[end - 1] in " \t\r\n":
+        end -= 1
+    return end
+
+
+def _line_end(text: str, pos: int) -> int:
+    newline = text.find("\n", pos)
+    return len(text) if newline < 0 else newline
+
+
+def _is_flow(node: Node) -> bool:
+    return isinstance(node, (MappingNode, SequenceNode)) and bool(node.flow_style)
+
+
+def _render(value: Any, column: int, flow: bool) -> str:
+    """YAML for `value` placed at `column`: the first line goes in place, the rest are indented."""
+    if flow or not isinstance(value, (dict, list)) or not value:
+        flat = str(
+            yaml.safe_dump(
+                value, default_flow_style=True, width=_WIDTH, sort_keys=False, allow_unicode=True
+            )
+        )
+        return flat.removesuffix("\n...\n").strip()
+    dumped = str(
+        yaml.safe_dump(
+            value, default_flow_style=False, width=_WIDTH, sort_keys=False, allow_unicode=True
+        )
+    ).rstrip("\n")
+    return ("\n" + " " * column).join(dumped.split("\n"))
+
+
+def _replace(text: str, node: Node, value: Any) -> str:
+    start, end = _start(node), _end(node)
+    flow = _is_flow(node) or isinstance(node, ScalarNode)
+    return text[:start] + _render(value, node.start_mark.column, flow) + text[end:]
+
+
+def _insert_key(text: str, mapping: MappingNode, key: str, value: Any) -> str:
+    if _is_flow(mapping):
+        data = _value(mapping)
+        return _replace(text, mapping, {**data, key: value})
+    column = int(mapping.start_mark.column)
+    pos = _line_end(text, _end(mapping))
+    return text[:pos] + "\n" + " " * column + _render({key: value}, column, flow=False) + text[pos:]
+
+
+def _append_item(text: str, seq: SequenceNode, value: Any) -> str:
+    if _is_flow(seq) or not seq.value:
+        data = _value(seq) or []
+        return _replace(text, seq, [*data, value])
+    column = int(seq.start_mark.column)
+    pos = _line_end(text, _end(seq))
+    item = _render(value, column + 2, flow=False)
+    return text[:pos] + "\n" + " " * column + "- " + item + text[pos:]
+
+
+def _remove_item(text: str, seq: SequenceNode, index: int) -> str:
+    data = _value(seq)
+    item = seq.value[index]
+    dash = text.rfind("-", 0, _start(item))
+    line_start = text.rfind("\n", 0, dash) + 1
+    if _is_flow(seq) or len(seq.value) == 1 or text[line_start:dash].strip():
+        return _replace(text, seq, data[:index] + data[index + 1 :])
+    line_end = _line_end(text, _end(item))
+    return text[:line_start] + text[min(line_end + 1, len(text)) :]
+
+
+def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            base[key] = _deep_merge(base[key], value)
+        else:
+            base[key] = value
+    return base

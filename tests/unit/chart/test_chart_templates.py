@@ -1,0 +1,161 @@
+"""What each template promises: GPU limits, security, env on every Ray container, weights volume."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from chart_helpers import ROOT, VALUES_FILES, by_kind, one, ray_pod_specs, render
+
+PRODUCTION = VALUES_FILES["production-gpu"]
+DOWNWARD_ENV = {"POD_NAME", "POD_NAMESPACE", "NODE_NAME"}
+OTEL_ENV = {
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_PROTOCOL",
+    "OTEL_TRACES_SAMPLER",
+    "OTEL_TRACES_SAMPLER_ARG",
+    "OTEL_SERVICE_NAME",
+    "OTEL_RESOURCE_ATTRIBUTES",
+}
+
+
+def env_names(container: dict[str, Any]) -> set[str]:
+    return {e["name"] for e in container.get("env", [])}
+
+
+def all_pod_specs(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    specs = ray_pod_specs(one(objects, "RayService"))
+    specs += [d["spec"]["template"]["spec"] for d in by_kind(objects, "Deployment")]
+    return specs + [p["spec"] for p in by_kind(objects, "Pod")]
+
+
+def test_worker_groups_request_gpus_when_resource_is_mig() -> None:
+    cluster = one(render("helm3", PRODUCTION), "RayService")["spec"]["rayClusterConfig"]
+    assert cluster["enableInTreeAutoscaling"] is True
+    assert cluster["headGroupSpec"]["rayStartParams"]["num-gpus"] == "0"
+    h100, mig = cluster["workerGroupSpecs"]
+    assert h100["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert (
+        mig["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/mig-3g.40gb"]
+        == "1"
+    )
+    # KubeRay cannot infer GPUs from a MIG resource name, so the chart states them.
+    assert mig["rayStartParams"]["num-gpus"] == "1"
+    assert (mig["minReplicas"], mig["maxReplicas"]) == (0, 4)
+    assert h100["template"]["spec"]["tolerations"][0]["key"] == "nvidia.com/gpu"
+    assert "podAntiAffinity" in h100["template"]["spec"]["affinity"]
+
+
+def test_ray_containers_carry_offline_and_tracing_env_when_tracing_enabled() -> None:
+    for spec in ray_pod_specs(one(render("helm3", PRODUCTION), "RayService")):
+        (container,) = spec["containers"]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert DOWNWARD_ENV | OTEL_ENV <= set(env)
+        assert env["HF_HUB_OFFLINE"] == "1" and env["TRANSFORMERS_OFFLINE"] == "1"
+        assert env["HF_HOME"].startswith("/models/")
+        assert "deployment.environment=production" in env["OTEL_RESOURCE_ATTRIBUTES"]
+        # KubeRay owns RAY_AUTH_MODE (authOptions); a second source would fight it.
+        assert "RAY_AUTH_MODE" not in env
+        assert {"metrics", "serve"} <= {p["name"] for p in container["ports"]}
+
+
+def test_ray_containers_omit_tracing_env_when_tracing_disabled() -> None:
+    for spec in ray_pod_specs(one(render("helm3"), "RayService")):
+        names = env_names(spec["containers"][0])
+        assert DOWNWARD_ENV <= names and not OTEL_ENV & names
+
+
+def test_every_pod_is_locked_down_when_rendered() -> None:
+    objects = render("helm3", PRODUCTION)
+    specs = all_pod_specs(objects)
+    assert len(specs) == 5  # head, two worker groups, operator, helm test
+    for spec in specs:
+        assert spec["securityContext"]["runAsNonRoot"] is True
+        assert spec["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+        for container in spec["containers"] + spec.get("initContainers", []):
+            ctx = container["securityContext"]
+            assert ctx["allowPrivilegeEscalation"] is False
+            assert ctx["capabilities"]["drop"] == ["ALL"]
+            assert ctx["readOnlyRootFilesystem"] is True
+
+
+def test_ray_pods_get_writable_tmp_when_root_filesystem_is_read_only() -> None:
+    for spec in ray_pod_specs(one(render("helm3"), "RayService")):
+        mounts = {m["mountPath"] for m in spec["containers"][0]["volumeMounts"]}
+        assert {"/tmp", "/dev/shm"} <= mounts
+
+
+def test_workers_mount_weights_read_only_when_source_is_pvc() -> None:
+    rayservice = one(render("helm3", PRODUCTION), "RayService")
+    for spec in ray_pod_specs(rayservice)[1:]:
+        (volume,) = [v for v in spec["volumes"] if v["name"] == "models"]
+        assert volume["persistentVolumeClaim"] == {"claimName": "amalia-weights", "readOnly": True}
+
+
+def test_workers_fill_weights_first_when_source_is_empty_dir() -> None:
+    sets = (
+        "models.source=emptyDir",
+        "models.fill.image=registry.local/s5cmd:2.2",
+        "models.fill.command={sh,-c,s5cmd sync s3://models/* /models/}",
+    )
+    rayservice = one(render("helm3", sets=sets), "RayService")
+    worker = ray_pod_specs(rayservice)[1]
+    (init,) = worker["initContainers"]
+    assert init["command"][-1] == "s5cmd sync s3://models/* /models/"
+    assert {"name": "models", "mountPath": "/models"} in init["volumeMounts"]
+    assert "emptyDir" in next(v for v in worker["volumes"] if v["name"] == "models")
+
+
+def test_service_targets_serve_port_named_http_when_enabled() -> None:
+    service = one(render("helm3"), "Service")
+    (port,) = service["spec"]["ports"]
+    assert (port["name"], port["port"], port["targetPort"]) == ("http", 8000, "serve")
+    assert service["spec"]["selector"]["ray.io/serve"] == "true"
+
+
+def test_network_policy_limits_api_and_metrics_when_enabled() -> None:
+    policy = one(render("helm3", PRODUCTION), "NetworkPolicy")
+    rules = policy["spec"]["ingress"]
+    ray_internal, api, metrics, kuberay = rules
+    assert "ports" not in ray_internal  # Ray pods reach each other on every port
+    assert api["ports"] == [{"port": "serve", "protocol": "TCP"}]
+    assert metrics["ports"] == [{"port": "metrics", "protocol": "TCP"}]
+    assert metrics["from"][0]["namespaceSelector"]["matchLabels"] == {
+        "kubernetes.io/metadata.name": "monitoring"
+    }
+    assert kuberay["ports"] == [{"port": "dashboard", "protocol": "TCP"}]
+
+
+def test_pod_monitor_follows_cluster_when_enabled_is_auto() -> None:
+    assert not by_kind(render("helm3"), "PodMonitor")
+    with_operator = render("helm3", extra=("--api-versions", "monitoring.coreos.com/v1"))
+    assert one(with_operator, "PodMonitor")["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
+
+
+def test_operator_is_absent_when_disabled() -> None:
+    objects = render("helm3", VALUES_FILES["minimal"])
+    assert not by_kind(objects, "Deployment") and not by_kind(objects, "ClusterRole")
+
+
+def test_operator_runs_package_module_when_enabled() -> None:
+    deployment = one(render("helm3"), "Deployment")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert container["command"] == ["python", "-m", "amalia_operator"]
+
+
+def test_dashboard_config_map_holds_each_dashboard_when_enabled() -> None:
+    boards = sorted((ROOT / "serve" / "dashboards").glob("*.json"))
+    maps = by_kind(render("helm3"), "ConfigMap")
+    if not boards:
+        assert not maps
+        return
+    (config_map,) = maps
+    assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert sorted(config_map["data"]) == [b.name for b in boards]
+    for board in boards:
+        assert json.loads(config_map["data"][board.name]) == json.loads(
+            board.read_text(encoding="utf-8")
+        )
+    assert not by_kind(
+        render("helm3", sets=("monitoring.grafanaDashboard.enabled=false",)), "ConfigMap"
+    )

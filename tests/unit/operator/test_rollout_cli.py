@@ -1,0 +1,95 @@
+"""`rollout status|promote|abort|retry`: the text a person reads and the request the CLI sends."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import pytest
+
+from amalia_operator import cli
+
+OBJ: dict[str, Any] = {
+    "metadata": {"name": "sft-to-dpo", "namespace": "amalia", "generation": 2},
+    "spec": {
+        "stable": {"name": "amalia-sft"},
+        "canary": {"name": "amalia-dpo"},
+        "steps": [{"setWeight": 25}, {"pause": {}}, {"analysis": {}}],
+    },
+    "status": {
+        "observedGeneration": 2,
+        "phase": "Paused",
+        "stepIndex": 1,
+        "canaryWeight": 25,
+        "message": "paused at step 1: waiting for promote",
+        "lastAnalysis": {
+            "outcome": "Successful",
+            "time": "2026-11-26T12:00:00Z",
+            "results": [
+                {"metric": "error-rate", "outcome": "Successful", "value": 0.002, "max": 0.01}
+            ],
+        },
+        "conditions": [
+            {
+                "type": "Progressing",
+                "status": "Unknown",
+                "reason": "Paused",
+                "lastTransitionTime": "2026-11-26T12:00:00Z",
+            }
+        ],
+    },
+}
+
+
+class FakeApi:
+    def __init__(self) -> None:
+        self.patches: list[tuple[Any, ...]] = []
+
+    def get_namespaced_custom_object(self, *args: Any) -> dict[str, Any]:
+        assert args == ("serving.amalia.pt", "v1alpha1", "amalia", "modelrollouts", "sft-to-dpo")
+        return OBJ
+
+    def patch_namespaced_custom_object(self, *args: Any, _content_type: str) -> None:
+        self.patches.append((*args, _content_type))
+
+
+@pytest.mark.parametrize(
+    ("weight", "bar"),
+    [
+        (0, "[....................] 0%"),
+        (25, "[#####...............] 25%"),
+        (100, "[####################] 100%"),
+    ],
+)
+def test_weight_bar_fills_in_proportion_when_weight_given(weight: int, bar: str) -> None:
+    assert cli.weight_bar(weight) == bar
+
+
+def test_status_shows_phase_step_bar_and_last_analysis_when_paused() -> None:
+    out = io.StringIO()
+    assert cli.main(["status", "sft-to-dpo", "-n", "amalia"], out=out, api=FakeApi()) == 0  # type: ignore[arg-type]
+    text = out.getvalue()
+    assert "Phase:      Paused" in text
+    assert "Step:       1/3 (pause until promoted)" in text
+    assert "Weight:     [#####...............] 25%" in text
+    assert "error-rate=0.002 (threshold <= 0.01)" in text
+    assert "Condition:  Progressing=Unknown Paused" in text
+
+
+@pytest.mark.parametrize("action", ["promote", "abort", "retry"])
+def test_action_sets_annotation_with_merge_patch_when_requested(action: str) -> None:
+    api = FakeApi()
+    out = io.StringIO()
+    assert cli.main([action, "sft-to-dpo", "-n", "amalia"], out=out, api=api) == 0  # type: ignore[arg-type]
+    assert api.patches == [
+        (
+            "serving.amalia.pt",
+            "v1alpha1",
+            "amalia",
+            "modelrollouts",
+            "sft-to-dpo",
+            {"metadata": {"annotations": {"serving.amalia.pt/action": action}}},
+            "application/merge-patch+json",
+        )
+    ]
+    assert f"{action} requested" in out.getvalue()
