@@ -131,7 +131,8 @@ class AmaliaIngress:
             split = TrafficSplit(names, routing.weights)
             self._check_variants_exist(split)
         except ValueError as exc:  # pydantic's ValidationError is a ValueError
-            self.routing_error = f"refused weights {user_config!r}: {exc}".replace("\n", "; ")
+            reason = "; ".join(e["msg"] for e in exc.errors()) if isinstance(exc, ValidationError) else str(exc)
+            self.routing_error = f"refused weights {user_config.get('weights')!r}: {reason}"
             logger.error("%s; keeping %s", self.routing_error, self.weights)
             return
         self.split, self.routing_error = split, None

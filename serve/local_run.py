@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from amalia_serve.config import RoutingConfig
 from amalia_serve.constants import INGRESS_DEPLOYMENT_NAME
 
 logger = logging.getLogger(__name__)
@@ -104,6 +105,8 @@ def wait_until_running(app_names: list[str], timeout_s: float = 300.0) -> None:
 def set_weights(app_name: str, weights: dict[str, int]) -> dict[str, Any]:
     """Change the live traffic weights of a running app: a lightweight user_config update, no restart."""
     from ray.serve.context import _get_global_client
+
+    RoutingConfig.model_validate({"weights": weights})  # refuse a bad split here, before Serve sees it
 
     client = _get_global_client()
     details = client.get_serve_details()
