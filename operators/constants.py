@@ -1,5 +1,5 @@
 """Names shared by the operator's modules. The operator never imports amalia_serve (it ships as its
-own slim image), so the one serve name it needs is duplicated here on purpose.
+own slim image), so the two serve names it needs are duplicated here on purpose.
 """
 
 from __future__ import annotations
@@ -8,6 +8,9 @@ import os
 
 # Must equal amalia_serve.constants.INGRESS_DEPLOYMENT_NAME; tests/unit/operator checks they agree.
 INGRESS_DEPLOYMENT_NAME = "AmaliaIngress"
+# The builder of one variant's own Serve application (named after the variant); a unit test checks
+# that amalia_serve.app provides it.
+VARIANT_IMPORT_PATH = "amalia_serve.app:build_variant_app"
 
 GROUP = "serving.amalia.pt"
 VERSION = "v1alpha1"

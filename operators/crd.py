@@ -146,20 +146,28 @@ def _spec() -> Schema:
                 "RayService (same namespace) whose serveConfigV2 is edited.", minLength=1
             ),
             "application": _str(
-                "Serve application inside the RayService (default `amalia`).", minLength=1
+                "Front Serve application of the RayService, the one holding the AmaliaIngress "
+                "deployment whose weights are edited (default `amalia`). Each variant is its own "
+                "application, named after it.",
+                minLength=1,
             ),
             "stable": _obj(
-                "The variant serving now; must be in the application's args.variants.",
+                "The variant serving now; its application (amalia_serve.app:build_variant_app) "
+                "must be in serveConfigV2.",
                 _variant("stable"),
                 required=["name", "modelPath"],
             ),
             "canary": _obj(
-                "The new variant; added to args.variants from the stable's settings.",
+                "The new variant; added as its own application with weight 0, from the stable "
+                "application's args.",
                 {
                     **_variant("canary"),
-                    "engine": _free("Engine settings merged over the stable variant's `engine`."),
+                    "engine": _free(
+                        "Engine settings merged over the stable application's `args.engine`."
+                    ),
                     "deployment": _free(
-                        "Serve deployment options merged over the stable's `deployment`."
+                        "Serve deployment options merged over the stable application's "
+                        "`args.deployment`."
                     ),
                 },
                 required=["name", "modelPath"],
@@ -202,7 +210,7 @@ def _spec() -> Schema:
             ),
             "scaleDownDelaySeconds": _int(
                 "Seconds between moving traffic off a variant and removing "
-                "it from the application (default 30).",
+                "its weight and then its application (default 30).",
                 minimum=0,
             ),
             "progressDeadlineSeconds": _int(
@@ -269,7 +277,9 @@ def _status() -> Schema:
                 "RolledBack, Failed."
             ),
             "rolloutHash": _str("Hash of stable, canary and steps; a change restarts the rollout."),
-            "canaryName": _str("Canary variant this rollout added."),
+            "canaryName": _str(
+                "Canary variant this rollout added (a renamed spec's old canary until removed)."
+            ),
             "stepIndex": _int("Index of the current step; len(steps) when all passed."),
             "canaryWeight": _int("Canary's current traffic percentage."),
             "stepStartedAt": _str("When the current step started.", format="date-time"),

@@ -22,10 +22,11 @@ from kubernetes.client.exceptions import ApiException
 
 from amalia_operator import serveconfig
 from amalia_operator.constants import CONFLICT_RETRIES, RAY_GROUP, RAY_PLURAL, RAY_VERSION
-from amalia_operator.rollout import ServeObservation
+from amalia_operator.rollout import DEPLOY_FAILED, HEALTHY, ServeObservation
 
 logger = logging.getLogger(__name__)
 MERGE_PATCH = "application/merge-patch+json"
+APP_RUNNING = "RUNNING"  # Serve's ApplicationStatus once every deployment of it is healthy
 
 
 class ConflictRetriesExhausted(RuntimeError):
@@ -33,7 +34,9 @@ class ConflictRetriesExhausted(RuntimeError):
 
 
 def observe(rayservice: dict[str, Any] | None, app: str) -> ServeObservation | None:
-    """The state machine's view of one application; None when it cannot be found."""
+    """The state machine's view of front application `app` and the variant applications; None
+    when it cannot be found.
+    """
     if rayservice is None:
         return None
     text = (rayservice.get("spec") or {}).get("serveConfigV2")
@@ -41,13 +44,32 @@ def observe(rayservice: dict[str, Any] | None, app: str) -> ServeObservation | N
         return None
     try:
         view = serveconfig.observe(text, app)
-    except serveconfig.ServeConfigError:
+    except serveconfig.ServeConfigError as exc:
+        logger.warning("RayService %s: %s", (rayservice.get("metadata") or {}).get("name"), exc)
         return None
     active = (rayservice.get("status") or {}).get("activeServiceStatus") or {}
-    app_status = (active.get("applicationStatuses") or {}).get(app) or {}
-    deployments = app_status.get("serveDeploymentStatuses") or {}
-    health = {name: str((d or {}).get("status", "")) for name, d in deployments.items()}
+    statuses = active.get("applicationStatuses") or {}
+    health = {
+        name: variant_health(statuses[name], name) for name in view.variants if name in statuses
+    }
     return ServeObservation(variants=view.variants, weights=view.weights, deployment_status=health)
+
+
+def variant_health(app_status: dict[str, Any], name: str) -> str:
+    """One word for a variant application's KubeRay status (`applicationStatuses[name]`).
+
+    HEALTHY needs both the application RUNNING and its deployment HEALTHY: a new application's
+    deployment can look healthy while Serve still deploys the application. DEPLOY_FAILED from
+    either level means Serve gave up.
+    """
+    app_state = str((app_status or {}).get("status", ""))
+    deployments = (app_status or {}).get("serveDeploymentStatuses") or {}
+    dep_state = str((deployments.get(name) or {}).get("status", ""))
+    if DEPLOY_FAILED in (app_state, dep_state):
+        return DEPLOY_FAILED
+    if dep_state == HEALTHY:
+        return HEALTHY if app_state == APP_RUNNING else app_state or "missing"
+    return dep_state or app_state or "missing"
 
 
 class RayServices:

@@ -42,7 +42,12 @@ ACTIVE_STAGES: tuple[Stage, ...] = ("Deploying", "Stepping", "Promoting")
 
 @dataclass(frozen=True)
 class ServeObservation:
-    """What the RayService says about our application (None in Observations: not found)."""
+    """What the RayService says (None in Observations: front application not found).
+
+    `variants`: the variant applications in serveConfigV2; `weights`: the front application's
+    ingress weights; `deployment_status`: each variant's health (HEALTHY once its application is
+    RUNNING and its deployment HEALTHY), absent while KubeRay reports nothing for it.
+    """
 
     variants: tuple[str, ...]
     weights: dict[str, int]
@@ -58,8 +63,8 @@ class Observations:
 
 @dataclass(frozen=True)
 class ServeEdit:
-    """Desired change to serveConfigV2: ensure the canary variant, drop one variant, set the
-    weights.
+    """Desired change to serveConfigV2: ensure the canary's application, set the weights, drop one
+    variant (its weight first, its application on a repeat of the edit once the weight is gone).
     """
 
     weights: dict[str, int]
@@ -184,10 +189,10 @@ class _Tick:
             self._stepping(serve)
         elif stage == "Promoting":
             self._after_delay(
-                self.spec.stable.name, "Promoted", f"promoted {self.spec.canary.name}"
+                serve, self.spec.stable.name, "Promoted", f"promoted {self.spec.canary.name}"
             )
         elif stage == "RollingBack":
-            self._after_delay(self.spec.canary.name, "RolledBack", self.status.message)
+            self._after_delay(serve, self.spec.canary.name, "RolledBack", self.status.message)
 
     def _enter(self, stage: Stage, message: str) -> None:
         self.status.stage = stage
@@ -200,14 +205,15 @@ class _Tick:
             and self.status.rollout_hash is not None
         )
         old = self.status
+        stale = _stale_canary(old, self.spec) if previous_canary_live else None
         self.status = RolloutStatus(
             rollout_hash=rollout_hash(self.spec),
-            canary_name=self.spec.canary.name,
+            # A renamed spec's old canary stays recorded until Deploying has removed it.
+            canary_name=stale or self.spec.canary.name,
             conditions=old.conditions,
             last_analysis=old.last_analysis,
         )
         self._enter("Deploying", f"deploying canary {self.spec.canary.name}")
-        stale = _stale_canary(old, self.spec) if previous_canary_live else None
         self.edit = self._weights_edit(0, add_canary=True, remove=stale)
         if restart:
             self.events.append(
@@ -240,6 +246,12 @@ class _Tick:
 
     def _deploying(self, serve: ServeObservation) -> None:
         stable, canary = self.spec.stable.name, self.spec.canary.name
+        stale = _stale_canary(self.status, self.spec)
+        if stale is not None:
+            if stale in serve.variants or stale in serve.weights:
+                self.edit = self._weights_edit(0, add_canary=True, remove=stale)
+                return
+            self.status.canary_name = canary
         if stable not in serve.variants:
             self._enter(
                 "Failed",
@@ -347,13 +359,21 @@ class _Tick:
         self.edit = self._weights_edit(0)
         self.events.append(Event("Warning", reason, f"rolled back: {message}"))
 
-    def _after_delay(self, leaving: str, final: Stage, message: str) -> None:
-        """Drops the variant that lost its traffic once in-flight requests had time to finish."""
+    def _after_delay(
+        self, serve: ServeObservation, leaving: str, final: Stage, message: str
+    ) -> None:
+        """Drops the variant that lost its traffic once in-flight requests had time to finish.
+
+        The edit repeats every tick until the variant is gone from the weights and from the
+        applications: its weight goes first, its application on a later tick.
+        """
         entered = parse_time(self.status.stage_entered_at or rfc3339(self.now))
         if self.now < entered + timedelta(seconds=self.spec.scale_down_delay_seconds):
             return
-        keep = self.spec.canary.name if final == "Promoted" else self.spec.stable.name
-        self.edit = ServeEdit(weights={keep: 100}, remove=leaving)
+        if leaving in serve.variants or leaving in serve.weights:
+            keep = self.spec.canary.name if final == "Promoted" else self.spec.stable.name
+            self.edit = ServeEdit(weights={keep: 100}, remove=leaving)
+            return
         self.status.stage = final
         self.status.message = message
         self.events.append(Event("Normal", final, f"{message}; removed variant {leaving}"))

@@ -1,5 +1,11 @@
 """Pure edits of a RayService `spec.serveConfigV2` YAML string that leave every other byte alone.
 
+The config has the production layout (the chart writes it): a front application (`spec.application`,
+``amalia_serve.app:build_app``) whose `AmaliaIngress` deployment holds the traffic weights in its
+`user_config`, and one application per variant, named after it, built by
+``amalia_serve.app:build_variant_app``. Serve redeploys every deployment of an application whose
+`args` change, so a canary is a new application and nothing that runs restarts.
+
 A serveConfigV2 is written by people and by Helm; re-dumping the whole document would re-quote,
 re-indent and re-order parts the operator has no business touching (and show up as a diff in GitOps
 tools). So each edit locates the one YAML node it changes (PyYAML's composer gives exact character
@@ -16,7 +22,7 @@ from typing import Any
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from amalia_operator.constants import INGRESS_DEPLOYMENT_NAME
+from amalia_operator.constants import INGRESS_DEPLOYMENT_NAME, VARIANT_IMPORT_PATH
 from amalia_operator.models import CanaryVariant
 from amalia_operator.rollout import ServeEdit
 
@@ -34,56 +40,79 @@ class AppView:
 
 
 def observe(text: str, app: str) -> AppView:
-    """Variant names and live ingress weights of one application."""
-    application = _app_data(yaml.safe_load(text) or {}, app)
-    variants = tuple(v["name"] for v in _variants_data(application, app))
-    for dep in application.get("deployments") or []:
+    """The variant applications of the config and the live weights of front application `app`."""
+    doc = yaml.safe_load(text) or {}
+    front = _app_data(doc, app)
+    if (front.get("args") or {}).get("variants"):
+        raise ServeConfigError(
+            f"application {app!r} lists args.variants (the single-application layout); the "
+            "operator needs one application per variant (see the chart's serveConfigV2)"
+        )
+    variants = tuple(a["name"] for a in _variant_apps(doc))
+    for dep in front.get("deployments") or []:
         if dep.get("name") == INGRESS_DEPLOYMENT_NAME:
             weights = (dep.get("user_config") or {}).get("weights")
             if weights is not None:
                 return AppView(variants, dict(weights))
-    routing = (application.get("args") or {}).get("routing") or {}
+    routing = (front.get("args") or {}).get("routing") or {}
     return AppView(variants, dict(routing.get("weights") or {}))
 
 
 def apply_edit(text: str, app: str, edit: ServeEdit, canary: CanaryVariant, stable: str) -> str:
-    """Applies one idempotent ServeEdit; returns `text` unchanged when nothing needs changing."""
+    """Applies one idempotent ServeEdit; returns `text` unchanged when nothing needs changing.
+
+    Order keeps the ingress from routing to a missing application: a canary's application comes
+    with weight 0 (the ingress accepts weight-0 names not deployed yet), and a removed variant's
+    application goes only once a previous edit has taken it out of the weights, so removal takes
+    two calls (the state machine repeats the edit until the variant is gone).
+    """
     view = observe(text, app)
-    if edit.remove is not None and edit.remove in view.variants:
-        text = remove_variant(text, app, edit.remove)
+    removable = edit.remove is not None and edit.remove not in view.weights
+    if edit.remove is not None and removable and edit.remove in view.variants:
+        text = remove_variant_app(text, edit.remove)
     if edit.add_canary and canary.name not in view.variants:
-        text = add_variant(text, app, canary_entry(text, app, canary, stable))
+        text = add_variant_app(text, canary_app(text, canary, stable))
     text = set_weights(text, app, edit.weights)
     if edit.remove is not None:
         text = _drop_from_routing_weights(text, app, edit.remove, edit.weights)
     return text
 
 
-def canary_entry(text: str, app: str, canary: CanaryVariant, stable: str) -> dict[str, Any]:
-    """The canary's `args.variants` entry: the stable's engine/deployment with the canary's
-    overrides.
+def canary_app(text: str, canary: CanaryVariant, stable: str) -> dict[str, Any]:
+    """The canary's application: the stable's args (engine, deployment) with the canary's
+    overrides, and the stable's runtime_env so both run in the same environment.
     """
-    application = _app_data(yaml.safe_load(text) or {}, app)
-    base = next((v for v in _variants_data(application, app) if v.get("name") == stable), None)
-    if base is None:
-        raise ServeConfigError(f"stable variant {stable!r} not in application {app!r}")
-    entry: dict[str, Any] = {"name": canary.name, "model_path": canary.model_path}
+    base_app = next(
+        (a for a in _variant_apps(yaml.safe_load(text) or {}) if a["name"] == stable), None
+    )
+    if base_app is None:
+        raise ServeConfigError(f"stable variant {stable!r} has no application in serveConfigV2")
+    base = base_app.get("args") or {}
+    args: dict[str, Any] = {"name": canary.name, "model_path": canary.model_path}
     for key, override in (("engine", canary.engine), ("deployment", canary.deployment)):
         merged = _deep_merge(copy.deepcopy(base.get(key) or {}), override or {})
         if merged or key in base:
-            entry[key] = merged
+            args[key] = merged
+    entry: dict[str, Any] = {
+        "name": canary.name,
+        "route_prefix": None,
+        "import_path": VARIANT_IMPORT_PATH,
+    }
+    if "runtime_env" in base_app:
+        entry["runtime_env"] = copy.deepcopy(base_app["runtime_env"])
+    entry["args"] = args
     return entry
 
 
-def add_variant(text: str, app: str, entry: dict[str, Any]) -> str:
-    node = _variants_node(yaml.compose(text), app)
-    return _append_item(text, node, entry)
+def add_variant_app(text: str, entry: dict[str, Any]) -> str:
+    return _append_item(text, _apps_node(yaml.compose(text)), entry)
 
 
-def remove_variant(text: str, app: str, name: str) -> str:
-    node = _variants_node(yaml.compose(text), app)
+def remove_variant_app(text: str, name: str) -> str:
+    """Drops the variant application `name`; never an application of another kind."""
+    node = _apps_node(yaml.compose(text))
     for index, item in enumerate(node.value):
-        if isinstance(item, MappingNode) and _scalar(_get(item, "name")) == name:
+        if _is_variant_app(item) and _scalar(_get(item, "name")) == name:
             return _remove_item(text, node, index)
     return text
 
@@ -121,7 +150,7 @@ def set_weights(text: str, app: str, weights: dict[str, int]) -> str:
 
 
 def _drop_from_routing_weights(text: str, app: str, removed: str, weights: dict[str, int]) -> str:
-    """`args.routing.weights` must not name a removed variant (serve args validation refuses it)."""
+    """`args.routing.weights` (the ingress's start-up weights) must not name a removed variant."""
     args = _get(_app_node(yaml.compose(text), app), "args")
     routing = _get(args, "routing") if isinstance(args, MappingNode) else None
     node = _get(routing, "weights") if isinstance(routing, MappingNode) else None
@@ -138,27 +167,27 @@ def _app_data(doc: Any, app: str) -> dict[str, Any]:
     raise ServeConfigError(f"serveConfigV2 has no application named {app!r}")
 
 
-def _variants_data(application: dict[str, Any], app: str) -> list[dict[str, Any]]:
-    variants = (application.get("args") or {}).get("variants")
-    if not isinstance(variants, list):
-        raise ServeConfigError(f"application {app!r} has no args.variants list")
-    return variants
+def _variant_apps(doc: Any) -> list[dict[str, Any]]:
+    apps = (doc.get("applications") or []) if isinstance(doc, dict) else []
+    return [a for a in apps if isinstance(a, dict) and a.get("import_path") == VARIANT_IMPORT_PATH]
+
+
+def _is_variant_app(node: Node) -> bool:
+    return _scalar(_get(node, "import_path")) == VARIANT_IMPORT_PATH
+
+
+def _apps_node(root: Node | None) -> SequenceNode:
+    apps = _get(root, "applications") if isinstance(root, MappingNode) else None
+    if not isinstance(apps, SequenceNode):
+        raise ServeConfigError("serveConfigV2 has no applications list")
+    return apps
 
 
 def _app_node(root: Node | None, app: str) -> MappingNode:
-    apps = _get(root, "applications") if isinstance(root, MappingNode) else None
-    for node in apps.value if isinstance(apps, SequenceNode) else []:
+    for node in _apps_node(root).value:
         if isinstance(node, MappingNode) and _scalar(_get(node, "name")) == app:
             return node
     raise ServeConfigError(f"serveConfigV2 has no application named {app!r}")
-
-
-def _variants_node(root: Node | None, app: str) -> SequenceNode:
-    args = _get(_app_node(root, app), "args")
-    variants = _get(args, "variants") if isinstance(args, MappingNode) else None
-    if not isinstance(variants, SequenceNode):
-        raise ServeConfigError(f"application {app!r} has no args.variants list")
-    return variants
 
 
 def _get(mapping: Node | None, key: str) -> Node | None:

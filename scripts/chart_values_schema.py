@@ -87,7 +87,9 @@ def variant_schema() -> Schema:
         **obj(
             {
                 "name": string(
-                    "Served model id and Serve deployment name.", pattern=VARIANT_NAME_PATTERN
+                    "Served model id; also the name of the variant's own Serve application and "
+                    "deployment.",
+                    pattern=VARIANT_NAME_PATTERN,
                 ),
                 "modelPath": string("Checkpoint directory inside the worker pods.", minLength=1),
                 "gpus": integer(1, "GPUs per replica (a positive integer)."),
@@ -153,7 +155,8 @@ def values_schema() -> Schema:
                         "modelAlias": string(pattern=VARIANT_NAME_PATTERN),
                         "weights": {
                             "type": "object",
-                            "description": "Variant name -> traffic weight (an integer >= 0).",
+                            "description": "Variant name -> traffic weight (an integer >= 0); variants "
+                            "left out get 0.",
                             "propertyNames": {"pattern": VARIANT_NAME_PATTERN},
                             "additionalProperties": integer(0),
                         },

@@ -77,8 +77,10 @@ class DeploymentOptions(AmaliaModel):
         default_factory=lambda: {"num_cpus": 1},
         description="Ray actor options: num_cpus, num_gpus, memory, resources, runtime_env, ...",
     )
-    health_check_period_s: float | None = Field(None, gt=0)
-    graceful_shutdown_timeout_s: float | None = Field(None, ge=0)
+    health_check_period_s: float | None = Field(None, gt=0, description="Seconds between Serve health checks.")
+    graceful_shutdown_timeout_s: float | None = Field(
+        None, ge=0, description="Seconds a stopping replica gets to finish its requests."
+    )
 
     @model_validator(mode="after")
     def _replicas_or_autoscaling(self) -> "DeploymentOptions":
@@ -105,8 +107,10 @@ class VariantConfig(AmaliaModel):
     model_path: str = Field(
         ..., min_length=1, description="Local checkpoint directory (PVC mount) or a local HF cache snapshot."
     )
-    engine: EngineConfig = Field(default_factory=EngineConfig)
-    deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
+    engine: EngineConfig = Field(default_factory=EngineConfig, description="Engine settings (see EngineConfig).")
+    deployment: DeploymentOptions = Field(
+        default_factory=DeploymentOptions, description="Serve deployment options (see DeploymentOptions)."
+    )
 
 
 class RoutingConfig(AmaliaModel):
@@ -132,7 +136,8 @@ class IngressConfig(AmaliaModel):
     """The OpenAI-compatible front deployment."""
 
     deployment: DeploymentOptions = Field(
-        default_factory=lambda: DeploymentOptions(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=256)
+        default_factory=lambda: DeploymentOptions(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=256),
+        description="Serve deployment options of the ingress (see DeploymentOptions).",
     )
     max_request_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Larger bodies get HTTP 413.")
     ready_timeout_s: float = Field(2.0, gt=0, description="How long /readyz waits for each variant.")
@@ -159,7 +164,7 @@ class AmaliaServingArgs(AmaliaModel):
         description="Initial weights; a Serve config's `deployments: [{name: AmaliaIngress, user_config}]` "
         "overrides them live.",
     )
-    ingress: IngressConfig = Field(default_factory=IngressConfig)
+    ingress: IngressConfig = Field(default_factory=IngressConfig, description="See IngressConfig.")
 
     @model_validator(mode="after")
     def _consistent(self) -> "AmaliaServingArgs":

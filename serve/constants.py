@@ -16,8 +16,9 @@ DEFAULT_SYSTEM_PROMPT = (
     "Responde de forma útil, honesta e concisa, na língua do utilizador."
 )
 
-# Bounds how long a replica may take to load its checkpoint before Serve marks it unhealthy.
-ENGINE_START_TIMEOUT_S = float(os.getenv("AMALIA_ENGINE_START_TIMEOUT_S", "900"))
+# Escape hatch (as Ray Serve LLM's RAYLLM_VLLM_ENGINE_CLS): "module:Class" of another engine with the same
+# interface, e.g. the benchmark's one-request-at-a-time baseline.
+ENGINE_CLS = os.getenv("AMALIA_ENGINE_CLS", "amalia_serve.engine:Engine")
 
 # Demo checkpoints written by `amalia-serve demo-models`.
 DEMO_SFT_DIRNAME = "amalia-sft-demo"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -10,12 +11,19 @@ import ray
 from ray import serve
 
 from amalia_serve.config import VariantConfig
+from amalia_serve.constants import ENGINE_CLS
 from amalia_serve.engine import Engine, EngineError, EngineOutput, EngineStats
 from amalia_serve.metrics import VariantMetrics
 from amalia_serve.protocol import GenerationFailure, GenerationRequest
 from amalia_serve.tracing import GenerationTrace, active_tracing, configure_tracing
 
 logger = logging.getLogger(f"ray.serve.{__name__}")  # lands in the replica logs under Serve
+
+
+def _engine_class() -> type[Engine]:
+    module, _, name = ENGINE_CLS.partition(":")
+    cls: type[Engine] = getattr(importlib.import_module(module), name)
+    return cls
 
 
 def _replica_cpus() -> int:
@@ -37,7 +45,9 @@ class VariantServer:
         if engine_config.torch_threads is None:
             engine_config = engine_config.model_copy(update={"torch_threads": _replica_cpus()})
         self.metrics = VariantMetrics(variant.name)
-        self.engine = Engine.from_checkpoint(variant.model_path, engine_config, on_step=self._observe_step)
+        self.engine = _engine_class().from_checkpoint(
+            variant.model_path, engine_config, on_step=self._observe_step
+        )
         logger.info("variant %s ready (max context %d)", variant.name, self.engine.max_model_len)
 
     def _observe_step(self, batch_size: int, running: int, waiting: int) -> None:

@@ -2,8 +2,9 @@
 
 Only what a laptop cannot have is changed: checkpoints become the tiny demo models, GPUs are
 stripped, CPUs shrink, and the proxy listens on a free loopback port. The config is deployed the way
-KubeRay does it (a ServeDeploySchema through the Serve controller), so the `deployments` override
-that carries the live weights is exercised too. Then the chart's own `helm test` script runs
+KubeRay does it (a ServeDeploySchema through the Serve controller), so the production layout (a
+front application plus one application per variant) and the `deployments` override that carries
+the live weights are exercised too. Then the chart's own `helm test` script runs
 against it.
 """
 
@@ -15,10 +16,11 @@ import os
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 import yaml
@@ -52,13 +54,17 @@ def free_port() -> int:
 
 
 def for_laptop(config: dict[str, Any], checkpoints: dict[str, str], port: int) -> dict[str, Any]:
+    """The production layout with laptop resources: each variant application gets a demo
+    checkpoint and half a CPU instead of a GPU; the front application one ingress replica."""
     local = copy.deepcopy(config)
     local["http_options"] = {"host": "127.0.0.1", "port": port}
-    for app in local["applications"]:
-        for variant in app["args"]["variants"]:
-            variant["model_path"] = checkpoints[variant["name"]]
-            variant["deployment"]["ray_actor_options"] = {"num_cpus": 0.5}
-        app["args"]["ingress"]["deployment"]["num_replicas"] = 1
+    front, *variants = local["applications"]
+    assert front["import_path"] == "amalia_serve.app:build_app"
+    front["args"]["ingress"]["deployment"]["num_replicas"] = 1
+    for app in variants:
+        assert app["import_path"] == "amalia_serve.app:build_variant_app"
+        app["args"]["model_path"] = checkpoints[app["args"]["name"]]
+        app["args"]["deployment"]["ray_actor_options"] = {"num_cpus": 0.5}
     return local
 
 
@@ -69,8 +75,15 @@ def helm_test_script(objects: list[dict[str, Any]]) -> tuple[str, dict[str, str]
     return container["command"][2], {e["name"]: e["value"] for e in container["env"]}
 
 
+class Served(NamedTuple):
+    url: str
+    config: dict[str, Any]  # as rendered
+    local: dict[str, Any]  # as deployed (for_laptop)
+    checkpoints: dict[str, str]
+
+
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, dict[str, Any]]]:
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     from ray import serve
 
     from amalia_serve.demo_model import write_demo_models
@@ -80,12 +93,13 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, dict
     rayservice = next(o for o in render("--values", str(PRODUCTION)) if o["kind"] == "RayService")
     config = yaml.safe_load(rayservice["spec"]["serveConfigV2"])
     port = free_port()
-    local = for_laptop(config, {"amalia-sft": str(sft), "amalia-dpo": str(dpo)}, port)
+    checkpoints = {"amalia-sft": str(sft), "amalia-dpo": str(dpo)}
+    local = for_laptop(config, checkpoints, port)
     start_local_ray(num_cpus=2, dashboard=False)
     try:
         deploy_config(local)
         wait_until_running([app["name"] for app in local["applications"]], timeout_s=300)
-        yield f"http://127.0.0.1:{port}", config
+        yield Served(f"http://127.0.0.1:{port}", config, local, checkpoints)
     finally:
         serve.shutdown()
         import ray
@@ -94,9 +108,9 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, dict
 
 
 def test_rendered_serve_config_answers_chat_when_deployed_on_ray_serve(
-    served: tuple[str, dict[str, Any]],
+    served: Served,
 ) -> None:
-    url, _ = served
+    url = served.url
     listing = json.load(urllib.request.urlopen(f"{url}/v1/models", timeout=30))
     assert {m["id"] for m in listing["data"]} == {"amalia", "amalia-sft", "amalia-dpo"}
     body = {"model": "amalia", "max_tokens": 4, "messages": [{"role": "user", "content": "Olá!"}]}
@@ -112,9 +126,9 @@ def test_rendered_serve_config_answers_chat_when_deployed_on_ray_serve(
 
 
 def test_chart_helm_test_pod_passes_when_run_against_served_config(
-    served: tuple[str, dict[str, Any]],
+    served: Served,
 ) -> None:
-    url, _ = served
+    url = served.url
     script, env = helm_test_script(render())
     result = subprocess.run(
         [sys.executable, "-c", script],
@@ -129,14 +143,87 @@ def test_chart_helm_test_pod_passes_when_run_against_served_config(
 
 
 def test_live_weights_reach_ingress_when_set_in_serve_config(
-    served: tuple[str, dict[str, Any]],
+    served: Served,
 ) -> None:
     from ray.serve.context import _get_global_client
 
-    _, config = served
+    config = served.config
     details = _get_global_client().get_serve_details()
     deployed = details["applications"]["amalia"]["deployed_app_config"]
     assert deployed["deployments"] == config["applications"][0]["deployments"]
     assert deployed["deployments"][0]["user_config"] == {
         "weights": {"amalia-sft": 90, "amalia-dpo": 10}
     }
+    # Each variant runs as its own application, reachable only through the ingress.
+    for name in ("amalia-sft", "amalia-dpo"):
+        app = details["applications"][name]
+        assert app["route_prefix"] is None and list(app["deployments"]) == [name]
+
+
+def replica_ids() -> dict[str, set[str]]:
+    from ray.serve.context import _get_global_client
+
+    apps = _get_global_client().get_serve_details()["applications"]
+    return {
+        f"{app}/{dep}": {r["replica_id"] for r in details["replicas"]}
+        for app, body in apps.items()
+        for dep, details in body["deployments"].items()
+    }
+
+
+def post_chat(url: str, model: str) -> str:
+    body = {"model": model, "max_tokens": 2, "messages": [{"role": "user", "content": "Olá!"}]}
+    request = urllib.request.Request(
+        f"{url}/v1/chat/completions",
+        json.dumps(body).encode(),
+        {"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=120) as response:
+        variant: str = response.headers["x-amalia-variant"]
+        return variant
+
+
+def test_operator_canary_edits_restart_no_running_replica_when_applied_to_rendered_config(
+    served: Served,
+) -> None:
+    """The point of one application per variant: the operator's add-canary edit, applied to the
+    chart's config on a real Serve, starts the canary and restarts nothing else; its removal
+    (weight, then application) gives back the exact config."""
+    from amalia_operator import serveconfig
+    from amalia_operator.models import CanaryVariant
+    from amalia_operator.rollout import ServeEdit
+    from amalia_serve.local_run import deploy_config, wait_until_running
+
+    text = yaml.safe_dump(served.local, sort_keys=False)
+    canary = CanaryVariant(name="amalia-dpo-v2", model_path=served.checkpoints["amalia-dpo"])
+    weights = dict(served.local["applications"][0]["deployments"][0]["user_config"]["weights"])
+
+    def apply(source: str, new_weights: dict[str, int], **edit: Any) -> str:
+        change = ServeEdit(new_weights, **edit)
+        out = serveconfig.apply_edit(source, "amalia", change, canary, "amalia-sft")
+        deploy_config(yaml.safe_load(out))
+        wait_until_running([a["name"] for a in yaml.safe_load(out)["applications"]], 300)
+        return out
+
+    before = replica_ids()
+    with_canary = apply(text, {**weights, canary.name: 0}, add_canary=True)
+    after = replica_ids()
+    assert {k: after[k] for k in before} == before  # same replicas: nothing restarted
+    assert after["amalia-dpo-v2/amalia-dpo-v2"]
+    assert post_chat(served.url, canary.name) == canary.name  # weight 0, reachable by name
+
+    unweighted = apply(with_canary, weights, remove=canary.name)
+    assert "amalia-dpo-v2/amalia-dpo-v2" in replica_ids()  # weight gone first, application next
+    restored = apply(unweighted, weights, remove=canary.name)
+    assert restored == text
+    wait_until_gone(canary.name)
+    assert replica_ids() == before
+
+
+def wait_until_gone(app_name: str, timeout_s: float = 120) -> None:
+    from ray import serve
+
+    deadline = time.monotonic() + timeout_s
+    while app_name in serve.status().applications:
+        assert time.monotonic() < deadline, f"application {app_name} still there"
+        time.sleep(0.5)

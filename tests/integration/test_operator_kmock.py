@@ -39,16 +39,20 @@ applications:
   import_path: other.app:build   # someone else's app
   args: {}
 - name: amalia
+  route_prefix: /
   import_path: amalia_serve.app:build_app
-  args:
-    variants:
-    - name: amalia-sft
-      model_path: /models/sft
-      engine: {dtype: auto}
+  args: {model_alias: amalia}
   deployments:
   - name: AmaliaIngress
     user_config:
       weights: {amalia-sft: 100}
+- name: amalia-sft
+  route_prefix: null
+  import_path: amalia_serve.app:build_variant_app
+  args:
+    name: amalia-sft
+    model_path: /models/sft
+    engine: {dtype: auto}
 """
 CONCURRENT = SERVE_CONFIG.replace("import_path: other.app:build ", "import_path: other.app:build2")
 CANARY = CanaryVariant(name="amalia-dpo", model_path="/models/dpo")
@@ -130,11 +134,12 @@ def seed(kmock: kmock.KubernetesEmulator) -> None:
                 "applicationStatuses": {
                     "amalia": {
                         "status": "RUNNING",
-                        "serveDeploymentStatuses": {
-                            "amalia-sft": {"status": "HEALTHY"},
-                            "AmaliaIngress": {"status": "HEALTHY"},
-                        },
-                    }
+                        "serveDeploymentStatuses": {"AmaliaIngress": {"status": "HEALTHY"}},
+                    },
+                    "amalia-sft": {
+                        "status": "RUNNING",
+                        "serveDeploymentStatuses": {"amalia-sft": {"status": "HEALTHY"}},
+                    },
                 }
             }
         },
@@ -157,6 +162,13 @@ def seed(kmock: kmock.KubernetesEmulator) -> None:
             "scaleDownDelaySeconds": 0,
         },
     }
+
+
+def canary_app_status(app_state: str) -> dict[str, Any]:
+    """RayService status of the canary's application, its deployment already HEALTHY."""
+    deployments = {"amalia-dpo": {"status": "HEALTHY"}}
+    app = {"status": app_state, "serveDeploymentStatuses": deployments}
+    return {"status": {"activeServiceStatus": {"applicationStatuses": {"amalia-dpo": app}}}}
 
 
 async def wait_for(predicate: Callable[[], bool], what: str, timeout_s: float = 30) -> None:
@@ -205,19 +217,11 @@ async def test_operator_patches_rayservice_retries_conflict_and_writes_status_wh
         registry=fast_ticks,
     ) as runner:
         await wait_for(lambda: len(ray_patches) >= 2, "the canary to be added after the conflict")
-        rayservice.patch(
-            {
-                "status": {
-                    "activeServiceStatus": {
-                        "applicationStatuses": {
-                            "amalia": {
-                                "serveDeploymentStatuses": {"amalia-dpo": {"status": "HEALTHY"}}
-                            }
-                        }
-                    }
-                }
-            }
-        )
+        # KubeRay reports the canary's own application: deploying first, then running.
+        rayservice.patch(canary_app_status("DEPLOYING"))
+        await asyncio.sleep(1.5)  # three ticks: a healthy deployment in a deploying app waits
+        assert rollout.get("status", {}).get("stage") == "Deploying"
+        rayservice.patch(canary_app_status("RUNNING"))
         await wait_for(lambda: rollout.get("status", {}).get("phase") == "Paused", "the pause")
         assert await asyncio.to_thread(cli.main, ["promote", ROLLOUT]) == 0
         await wait_for(lambda: rollout.get("status", {}).get("phase") == "Promoted", "promotion")
@@ -233,12 +237,22 @@ async def test_operator_patches_rayservice_retries_conflict_and_writes_status_wh
     retried = expected(CONCURRENT, {"amalia-sft": 100, "amalia-dpo": 0}, add=True)
     at_20 = expected(retried, {"amalia-sft": 80, "amalia-dpo": 20})
     at_100 = expected(at_20, {"amalia-sft": 0, "amalia-dpo": 100})
-    final = expected(at_100, {"amalia-dpo": 100}, remove="amalia-sft")
+    # Cleanup: the old stable's weight goes first, its application in a later patch.
+    unweighted = expected(at_100, {"amalia-dpo": 100}, remove="amalia-sft")
+    final = expected(unweighted, {"amalia-dpo": 100}, remove="amalia-sft")
+    assert "- name: amalia-sft" in unweighted and "- name: amalia-sft" not in final
     bodies = [
         (r.data["metadata"]["resourceVersion"], r.data["spec"]["serveConfigV2"])
         for r in ray_patches
     ]
-    assert bodies == [("1", added), ("2", retried), ("2", at_20), ("2", at_100), ("2", final)]
+    assert bodies == [
+        ("1", added),
+        ("2", retried),
+        ("2", at_20),
+        ("2", at_100),
+        ("2", unweighted),
+        ("2", final),
+    ]
     assert all(
         set(r.data) == {"metadata", "spec"}
         and set(r.data["metadata"]) == {"resourceVersion"}

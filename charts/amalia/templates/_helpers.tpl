@@ -52,16 +52,61 @@ app.kubernetes.io/component: operator
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
 {{- end }}
 
+{{/* Name of the front Serve application (the OpenAI ingress); ModelRollouts default to it. */}}
+{{- define "amalia-serve.frontApp" -}}amalia{{- end }}
+
 {{/*
-The Serve config (RayService spec.serveConfigV2) as a YAML string. It is built as a dict and
-rendered with toYaml, so it is valid YAML with sorted keys whatever the values hold.
-`args` is amalia_serve.config.AmaliaServingArgs; the live traffic weights are the ingress
-deployment's user_config, which the ModelRollout operator patches without redeploying the app.
+The live traffic split as JSON: every variant gets its `serve.weights` entry or 0, so each one
+is addressable by its model id; empty `serve.weights` sends everything to the first variant.
+*/}}
+{{- define "amalia-serve.weights" -}}
+{{- $names := list }}
+{{- range .Values.variants }}
+{{- $names = append $names .name }}
+{{- end }}
+{{- $given := default dict .Values.serve.weights }}
+{{- range $name, $_ := $given }}
+{{- if not (has $name $names) }}
+{{- fail (printf "serve.weights names %q, which is not a variant (variants: %s)" $name (join ", " $names)) }}
+{{- end }}
+{{- end }}
+{{- $weights := dict }}
+{{- $total := 0 }}
+{{- range $name := $names }}
+{{- $w := int (default 0 (index $given $name)) }}
+{{- $_ := set $weights $name $w }}
+{{- $total = add $total $w }}
+{{- end }}
+{{- if not $given }}
+{{- $_ := set $weights (first $names) 100 }}
+{{- else if eq (int $total) 0 }}
+{{- fail "serve.weights must give at least one variant a weight > 0" }}
+{{- end }}
+{{- toJson $weights }}
+{{- end }}
+
+{{/*
+The Serve config (RayService spec.serveConfigV2) as a YAML string, in the production layout: the
+front application `amalia` (amalia_serve.app:build_app, args without variants) holds the OpenAI
+ingress, and each variant is its own application named after it
+(amalia_serve.app:build_variant_app, args = amalia_serve.config.VariantConfig). Serve redeploys
+every deployment of an application whose args change, so this way adding, changing or removing
+one variant restarts no other. The live weights are the ingress deployment's user_config, which
+the ModelRollout operator patches. Built as a dict and rendered with toYaml: valid YAML with
+sorted keys whatever the values hold.
 */}}
 {{- define "amalia-serve.serveConfig" -}}
-{{- $variants := list }}
+{{- $front := include "amalia-serve.frontApp" . }}
+{{- $apps := list }}
 {{- $names := list }}
 {{- range $v := .Values.variants }}
+{{- if eq $v.name $front }}
+{{- fail (printf "variant name %q is taken by the front Serve application; pick another" $v.name) }}
+{{- end }}
+{{- if has $v.name $names }}
+{{- fail (printf "variant name %q is used twice; each variant is its own Serve application" $v.name) }}
+{{- end }}
+{{- $names = append $names $v.name }}
 {{- $actor := dict "num_gpus" $v.gpus }}
 {{- if hasKey $v "cpus" }}
 {{- $_ := set $actor "num_cpus" $v.cpus }}
@@ -77,21 +122,18 @@ deployment's user_config, which the ModelRollout operator patches without redepl
 {{- if not (or $v.replicas $v.autoscaling) }}
 {{- fail (printf "variant %s: set replicas or autoscaling" $v.name) }}
 {{- end }}
-{{- $variants = append $variants (dict "name" $v.name "model_path" $v.modelPath "engine" (default dict $v.engine) "deployment" $deployment) }}
-{{- $names = append $names .name }}
-{{- end }}
-{{- range $name, $_ := .Values.serve.weights }}
-{{- if not (has $name $names) }}
-{{- fail (printf "serve.weights names %q, which is not a variant (variants: %s)" $name (join ", " $names)) }}
-{{- end }}
+{{- $args := dict "name" $v.name "model_path" $v.modelPath "engine" (default dict $v.engine) "deployment" $deployment }}
+{{- /* route_prefix null: reached only through the ingress, never over HTTP directly. */}}
+{{- $apps = append $apps (dict "name" $v.name "route_prefix" nil "import_path" "amalia_serve.app:build_variant_app" "args" $args) }}
 {{- end }}
 {{- $ing := .Values.serve.ingress }}
 {{- $ingressDeployment := dict "num_replicas" $ing.replicas "max_ongoing_requests" $ing.maxOngoingRequests "ray_actor_options" (dict "num_cpus" $ing.cpus) }}
 {{- $ingress := dict "deployment" $ingressDeployment "max_request_bytes" $ing.maxRequestBytes "ready_timeout_s" $ing.readyTimeoutS }}
-{{- $args := dict "model_alias" .Values.serve.modelAlias "variants" $variants "ingress" $ingress }}
-{{- $live := dict "name" "AmaliaIngress" "user_config" (dict "weights" (default dict .Values.serve.weights)) }}
-{{- $app := dict "name" "amalia" "import_path" "amalia_serve.app:build_app" "route_prefix" "/" "args" $args "deployments" (list $live) }}
-{{- $config := dict "proxy_location" "EveryNode" "http_options" (dict "host" "0.0.0.0" "port" 8000) "applications" (list $app) }}
+{{- $args := dict "model_alias" .Values.serve.modelAlias "ingress" $ingress }}
+{{- $weights := include "amalia-serve.weights" . | fromJson }}
+{{- $live := dict "name" "AmaliaIngress" "user_config" (dict "weights" $weights) }}
+{{- $app := dict "name" $front "import_path" "amalia_serve.app:build_app" "route_prefix" "/" "args" $args "deployments" (list $live) }}
+{{- $config := dict "proxy_location" "EveryNode" "http_options" (dict "host" "0.0.0.0" "port" 8000) "applications" (prepend $apps $app) }}
 {{- toYaml $config }}
 {{- end }}
 

@@ -24,6 +24,10 @@ def test_bad_values_set_covers_the_required_refusals() -> None:
         "negative-weight",
         "variant-without-model-path",
         "fractional-gpus",
+        # One Serve application per variant: variant names are application names too.
+        "variant-named-like-front-app",
+        "duplicate-variant-names",
+        "all-weights-zero",
     } <= names
 
 

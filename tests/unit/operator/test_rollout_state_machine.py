@@ -84,11 +84,12 @@ class World:
         return decision
 
     def apply(self, edit: ServeEdit) -> None:
+        """Like serveconfig.apply_edit: an application goes only once its weight is gone."""
         self.edits.append(edit)
-        if edit.remove in self.variants:
+        if edit.remove in self.variants and edit.remove not in self.weights:
             self.variants.remove(edit.remove)
-        if edit.add_canary and CANARY not in self.variants:
-            self.variants.append(CANARY)
+        if edit.add_canary and self.spec.canary.name not in self.variants:
+            self.variants.append(self.spec.canary.name)
         self.weights = dict(edit.weights)
 
     def run_to_step(self, index: int) -> None:
@@ -275,21 +276,30 @@ def test_rollout_promotes_and_removes_old_stable_after_delay_when_steps_pass() -
     assert promoting.edit == ServeEdit(weights={STABLE: 0, CANARY: 100})
     assert promoting.status.phase == "Progressing"
     assert world.tick(after=timedelta(seconds=10)).edit is None  # in-flight requests drain
-    done = world.tick(after=timedelta(seconds=30))
-    assert done.edit == ServeEdit(weights={CANARY: 100}, remove=STABLE)
-    assert done.status.phase == "Promoted"
+    unweighted = world.tick(after=timedelta(seconds=30))
+    assert unweighted.edit == ServeEdit(weights={CANARY: 100}, remove=STABLE)
+    # The weight goes first; the stable's application stays until the edit is repeated.
+    assert world.variants == [STABLE, CANARY] and world.weights == {CANARY: 100}
+    assert unweighted.status.phase == "Progressing"
+    removed = world.tick()
+    assert removed.edit == ServeEdit(weights={CANARY: 100}, remove=STABLE)
+    assert world.variants == [CANARY] and removed.status.phase == "Progressing"
+    done = world.tick()
+    assert done.edit is None and done.status.phase == "Promoted"
     assert done.status.condition("Ready").status == "True"  # type: ignore[union-attr]
-    assert world.variants == [CANARY] and world.weights == {CANARY: 100}
+    assert [e.reason for e in done.events] == ["Promoted"]
 
 
 def test_rollout_removes_canary_after_delay_when_rolled_back() -> None:
     world = World(make_spec())
     world.run_to_step(3)
     world.tick(action="abort")
-    done = world.tick(after=timedelta(seconds=31))
-    assert done.edit == ServeEdit(weights={STABLE: 100}, remove=CANARY)
+    edits = [world.tick(after=timedelta(seconds=31)).edit, world.tick().edit]
+    assert edits == [ServeEdit(weights={STABLE: 100}, remove=CANARY)] * 2
+    assert world.variants == [STABLE] and world.weights == {STABLE: 100}
+    done = world.tick()
     assert done.status.phase == "RolledBack" and done.status.stage == "RolledBack"
-    assert world.variants == [STABLE]
+    assert done.status.message == "aborted by a person"
 
 
 def test_rollout_restarts_when_retry_requested_after_rollback() -> None:
@@ -322,6 +332,25 @@ def test_rollout_restarts_at_step_zero_when_steps_change() -> None:
     assert decision.events[0].reason == "RolloutRestarted"
 
 
+def test_rollout_removes_renamed_canary_weight_first_when_spec_changes() -> None:
+    world = World(make_spec())
+    world.run_to_step(3)  # the old canary takes 10%
+    renamed = "amalia-dpo-v2"
+    world.spec = RolloutSpec.model_validate(
+        {**make_spec().wire(), "canary": {"name": renamed, "modelPath": "/models/dpo-v2"}}
+    )
+    first = world.tick(generation=2)
+    assert first.edit == ServeEdit(
+        weights={STABLE: 100, renamed: 0}, add_canary=True, remove=CANARY
+    )
+    # The old canary's application waits until its weight is gone; the status remembers it.
+    assert world.variants == [STABLE, CANARY, renamed] and first.status.canary_name == CANARY
+    second = world.tick(generation=2)
+    assert second.edit == first.edit and world.variants == [STABLE, renamed]
+    third = world.tick(generation=2)
+    assert third.status.canary_name == renamed and third.status.stage == "Stepping"
+
+
 # === idempotence and resume ===
 def test_rollout_is_noop_when_ticked_again_with_same_inputs() -> None:
     world = World(make_spec())
@@ -332,8 +361,10 @@ def test_rollout_is_noop_when_ticked_again_with_same_inputs() -> None:
     assert second.status == first.status
     world.run_to_step(len(STEPS))
     world.tick()
-    world.tick(after=timedelta(minutes=1))
+    for _ in range(3):  # weight off, application off, Promoted
+        world.tick(after=timedelta(minutes=1))
     done = world.status
+    assert done.phase == "Promoted"
     again = world.tick(after=timedelta(hours=1))
     assert again.edit is None and again.events == () and again.status == done
 
@@ -364,6 +395,7 @@ def test_rollout_resumes_identically_when_restarted_from_any_status() -> None:
         {},
         {},
         {"after": timedelta(minutes=1)},
+        {},  # the old stable's application goes once its weight is gone
         {},
     ]
     for kwargs in script:
@@ -377,4 +409,4 @@ def test_rollout_resumes_identically_when_restarted_from_any_status() -> None:
         live = world.tick(**kwargs)
         assert resumed == live
     assert world.status.phase == "Promoted"
-    assert [e.remove for e in world.edits if e.remove] == [STABLE]
+    assert [e.remove for e in world.edits if e.remove] == [STABLE, STABLE]

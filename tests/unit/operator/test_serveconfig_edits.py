@@ -1,12 +1,15 @@
-"""serveConfigV2 edits: the right nodes change, and every other byte stays as it was."""
+"""serveConfigV2 edits in the production layout: the right nodes change, every other byte stays."""
 
 from __future__ import annotations
+
+import importlib
+from typing import Any
 
 import pytest
 import yaml
 
-from amalia_operator import serveconfig
-from amalia_operator.constants import INGRESS_DEPLOYMENT_NAME
+from amalia_operator import kube, serveconfig
+from amalia_operator.constants import INGRESS_DEPLOYMENT_NAME, VARIANT_IMPORT_PATH
 from amalia_operator.models import CanaryVariant
 from amalia_operator.rollout import ServeEdit
 
@@ -24,23 +27,12 @@ OTHER_APP = """\
   route_prefix: /emb
   args: {model: /models/e5, dims: [384, 768], note: 'single quotes'}
 """
-AMALIA_APP = """\
+FRONT_APP = """\
 - name: amalia
   route_prefix: /
   import_path: amalia_serve.app:build_app
-  runtime_env:
-    env_vars: {HF_HUB_OFFLINE: "1"}
   args:
     model_alias: amalia
-    variants:
-      - name: amalia-sft
-        model_path: /models/AMALIA-9B-SFT
-        engine:
-          dtype: bfloat16
-          max_batch_size: 32
-        deployment:
-          autoscaling_config: {min_replicas: 1, max_replicas: 4}
-          ray_actor_options: {num_gpus: 1, num_cpus: 4}
     routing:
       weights:
         amalia-sft: 100
@@ -50,7 +42,23 @@ AMALIA_APP = """\
     user_config:
       weights: {amalia-sft: 100}
 """
-CONFIG = HEADER + OTHER_APP + AMALIA_APP
+SFT_APP = """\
+- name: amalia-sft
+  route_prefix: null
+  import_path: amalia_serve.app:build_variant_app
+  runtime_env:
+    env_vars: {HF_HUB_OFFLINE: "1"}
+  args:
+    name: amalia-sft
+    model_path: /models/AMALIA-9B-SFT
+    engine:
+      dtype: bfloat16
+      max_batch_size: 32
+    deployment:
+      autoscaling_config: {min_replicas: 1, max_replicas: 4}
+      ray_actor_options: {num_gpus: 1, num_cpus: 4}
+"""
+CONFIG = HEADER + OTHER_APP + FRONT_APP + SFT_APP
 STABLE = "amalia-sft"
 CANARY = CanaryVariant.model_validate(
     {
@@ -66,60 +74,99 @@ def edit(text: str, weights: dict[str, int], add: bool = False, remove: str | No
     return serveconfig.apply_edit(text, "amalia", ServeEdit(weights, add, remove), CANARY, STABLE)
 
 
-def app(text: str) -> dict[str, object]:
-    apps = yaml.safe_load(text)["applications"]
-    return next(a for a in apps if a["name"] == "amalia")
+def apps(text: str) -> dict[str, dict[str, Any]]:
+    return {a["name"]: a for a in yaml.safe_load(text)["applications"]}
 
 
-def test_ingress_name_matches_serve_package_when_duplicated() -> None:
+def test_duplicated_serve_names_match_serve_package_when_compared() -> None:
     from amalia_serve.constants import INGRESS_DEPLOYMENT_NAME as SERVE_NAME
 
     assert INGRESS_DEPLOYMENT_NAME == SERVE_NAME
+    module, _, function = VARIANT_IMPORT_PATH.partition(":")
+    assert callable(getattr(importlib.import_module(module), function))
 
 
-def test_add_variant_copies_stable_settings_with_overrides_when_canary_added() -> None:
+def test_observe_lists_variant_applications_and_front_weights_when_production_layout() -> None:
+    view = serveconfig.observe(CONFIG, "amalia")
+    assert view.variants == (STABLE,)  # neither the front app nor `embeddings`
+    assert view.weights == {STABLE: 100}
+
+
+def test_add_canary_appends_application_from_stable_args_with_overrides_when_deploying() -> None:
     out = edit(CONFIG, {STABLE: 100, "amalia-dpo": 0}, add=True)
-    variants = app(out)["args"]["variants"]  # type: ignore[index]
-    assert [v["name"] for v in variants] == [STABLE, "amalia-dpo"]
-    assert variants[1] == {
+    assert list(apps(out)) == ["embeddings", "amalia", STABLE, "amalia-dpo"]
+    assert apps(out)["amalia-dpo"] == {
         "name": "amalia-dpo",
-        "model_path": "/models/AMALIA-9B-DPO",
-        "engine": {"dtype": "bfloat16", "max_batch_size": 16},
-        "deployment": {
-            "autoscaling_config": {"min_replicas": 1, "max_replicas": 2},
-            "ray_actor_options": {"num_gpus": 1, "num_cpus": 4},
+        "route_prefix": None,
+        "import_path": VARIANT_IMPORT_PATH,
+        "runtime_env": {"env_vars": {"HF_HUB_OFFLINE": "1"}},
+        "args": {
+            "name": "amalia-dpo",
+            "model_path": "/models/AMALIA-9B-DPO",
+            "engine": {"dtype": "bfloat16", "max_batch_size": 16},
+            "deployment": {
+                "autoscaling_config": {"min_replicas": 1, "max_replicas": 2},
+                "ray_actor_options": {"num_gpus": 1, "num_cpus": 4},
+            },
         },
     }
-    assert serveconfig.observe(out, "amalia").weights == {STABLE: 100, "amalia-dpo": 0}
+    # The canary's application and its weight 0 arrive in the same config.
+    assert serveconfig.observe(out, "amalia") == serveconfig.AppView(
+        (STABLE, "amalia-dpo"), {STABLE: 100, "amalia-dpo": 0}
+    )
+
+
+def test_canary_application_validates_as_serve_variant_when_added() -> None:
+    from ray.serve.schema import ServeDeploySchema
+
+    from amalia_serve.config import VariantConfig
+
+    out = edit(CONFIG, {STABLE: 100, "amalia-dpo": 0}, add=True)
+    ServeDeploySchema.model_validate(yaml.safe_load(out))
+    VariantConfig.model_validate(apps(out)["amalia-dpo"]["args"])
 
 
 def test_edits_keep_untouched_bytes_when_canary_added_and_weights_moved() -> None:
-    out = edit(
-        edit(CONFIG, {STABLE: 100, "amalia-dpo": 0}, add=True), {STABLE: 75, "amalia-dpo": 25}
+    added = edit(CONFIG, {STABLE: 100, "amalia-dpo": 0}, add=True)
+    out = edit(added, {STABLE: 75, "amalia-dpo": 25})
+    # The stable's application is byte-for-byte the same: Serve sees equal args, nothing restarts.
+    assert out.startswith(
+        HEADER
+        + OTHER_APP
+        + FRONT_APP.replace("{amalia-sft: 100}", "{amalia-sft: 75, amalia-dpo: 25}")
+        + SFT_APP
     )
-    assert out.startswith(HEADER + OTHER_APP)
-    # Everything up to the end of the stable variant, and the ingress's other keys, are unchanged.
-    stable_block = AMALIA_APP[: AMALIA_APP.index("    routing:")]
-    assert out[len(HEADER + OTHER_APP) :].startswith(stable_block)
     assert "    num_replicas: 2   # two ingress replicas\n" in out
-    assert "      weights: {amalia-sft: 75, amalia-dpo: 25}\n" in out  # flow style kept
-    assert "    routing:\n      weights:\n        amalia-sft: 100\n" in out  # args untouched
+    assert "    routing:\n      weights:\n        amalia-sft: 100\n" in out  # front args untouched
 
 
 def test_edits_restore_original_bytes_when_canary_added_then_removed() -> None:
     with_canary = edit(CONFIG, {STABLE: 100, "amalia-dpo": 0}, add=True)
     assert with_canary != CONFIG
-    assert edit(with_canary, {STABLE: 100}, remove="amalia-dpo") == CONFIG
+    unweighted = edit(with_canary, {STABLE: 100}, remove="amalia-dpo")
+    # Weight first: the ingress stops naming the canary while its application still exists.
+    assert "amalia-dpo" in apps(unweighted)
+    assert serveconfig.observe(unweighted, "amalia").weights == {STABLE: 100}
+    assert edit(unweighted, {STABLE: 100}, remove="amalia-dpo") == CONFIG
 
 
-def test_remove_variant_drops_it_from_variants_and_routing_when_promoted() -> None:
+def test_remove_variant_drops_weight_then_application_when_promoted() -> None:
     with_canary = edit(CONFIG, {STABLE: 0, "amalia-dpo": 100}, add=True)
-    out = edit(with_canary, {"amalia-dpo": 100}, remove=STABLE)
-    amalia = app(out)
-    assert [v["name"] for v in amalia["args"]["variants"]] == ["amalia-dpo"]  # type: ignore[index]
-    assert amalia["args"]["routing"] == {"weights": {"amalia-dpo": 100}}  # type: ignore[index]
-    assert serveconfig.observe(out, "amalia").weights == {"amalia-dpo": 100}
+    unweighted = edit(with_canary, {"amalia-dpo": 100}, remove=STABLE)
+    assert STABLE in apps(unweighted)
+    # args.routing.weights (the ingress's start-up weights) no longer name the removed variant.
+    assert apps(unweighted)["amalia"]["args"]["routing"] == {"weights": {"amalia-dpo": 100}}
+    out = edit(unweighted, {"amalia-dpo": 100}, remove=STABLE)
+    assert list(apps(out)) == ["embeddings", "amalia", "amalia-dpo"]
+    assert serveconfig.observe(out, "amalia") == serveconfig.AppView(
+        ("amalia-dpo",), {"amalia-dpo": 100}
+    )
     assert out.startswith(HEADER + OTHER_APP)
+
+
+def test_remove_leaves_other_applications_when_name_is_not_a_variant() -> None:
+    assert serveconfig.remove_variant_app(CONFIG, "embeddings") == CONFIG
+    assert serveconfig.remove_variant_app(CONFIG, "amalia") == CONFIG
 
 
 def test_apply_edit_returns_same_text_when_nothing_to_change() -> None:
@@ -151,7 +198,7 @@ def test_apply_edit_returns_same_text_when_nothing_to_change() -> None:
 def test_set_weights_creates_missing_keys_when_ingress_config_absent(
     ingress_part: str, expected_tail: str
 ) -> None:
-    base = AMALIA_APP[: AMALIA_APP.index("  deployments:")]
+    base = FRONT_APP[: FRONT_APP.index("  deployments:")]
     text = HEADER + base + ingress_part + OTHER_APP
     out = serveconfig.set_weights(text, "amalia", {STABLE: 90, "amalia-dpo": 10})
     assert expected_tail in out
@@ -161,8 +208,47 @@ def test_set_weights_creates_missing_keys_when_ingress_config_absent(
     assert [a["name"] for a in yaml.safe_load(out)["applications"]] == ["amalia", "embeddings"]
 
 
-def test_edits_raise_when_application_missing() -> None:
+def test_edits_raise_when_layout_is_not_production() -> None:
     with pytest.raises(serveconfig.ServeConfigError, match="no application named 'nope'"):
         serveconfig.observe(CONFIG, "nope")
     with pytest.raises(serveconfig.ServeConfigError, match="stable variant 'ghost'"):
-        serveconfig.canary_entry(CONFIG, "amalia", CANARY, "ghost")
+        serveconfig.canary_app(CONFIG, CANARY, "ghost")
+    single_app = CONFIG.replace(
+        "    model_alias: amalia\n",
+        "    model_alias: amalia\n    variants:\n    - {name: amalia-sft, model_path: /m}\n",
+    )
+    with pytest.raises(serveconfig.ServeConfigError, match="one application per variant"):
+        serveconfig.observe(single_app, "amalia")
+
+
+def rayservice(statuses: dict[str, Any]) -> dict[str, Any]:
+    canary = edit(CONFIG, {STABLE: 100, "amalia-dpo": 0}, add=True)
+    return {
+        "spec": {"serveConfigV2": canary},
+        "status": {"activeServiceStatus": {"applicationStatuses": statuses}},
+    }
+
+
+def app_status(app: str, deployment: str, name: str = "amalia-dpo") -> dict[str, Any]:
+    return {name: {"status": app, "serveDeploymentStatuses": {name: {"status": deployment}}}}
+
+
+@pytest.mark.parametrize(
+    ("statuses", "health"),
+    [
+        (app_status("RUNNING", "HEALTHY"), "HEALTHY"),
+        (app_status("DEPLOYING", "HEALTHY"), "DEPLOYING"),
+        (app_status("DEPLOYING", "UPDATING"), "UPDATING"),
+        (app_status("DEPLOY_FAILED", "UNHEALTHY"), "DEPLOY_FAILED"),
+        (app_status("DEPLOYING", "DEPLOY_FAILED"), "DEPLOY_FAILED"),
+        # The canary deployment inside another application does not count.
+        ({"amalia": app_status("RUNNING", "HEALTHY")["amalia-dpo"]}, None),
+        ({}, None),
+    ],
+)
+def test_observe_reads_canary_health_from_its_own_application_when_kuberay_reports(
+    statuses: dict[str, Any], health: str | None
+) -> None:
+    observed = kube.observe(rayservice(statuses), "amalia")
+    assert observed is not None and observed.variants == (STABLE, "amalia-dpo")
+    assert observed.deployment_status.get("amalia-dpo") == health
