@@ -410,12 +410,16 @@ def rendered() -> dict[str, str]:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    out = Path(argv[0]) if argv else CRD_DIR
+def write_generated(files: dict[str, str], out: Path) -> None:
+    """Write generated YAML files into `out` (shared by the CRD and RBAC generators)."""
     out.mkdir(parents=True, exist_ok=True)
-    for name, text in rendered().items():
+    for name, text in files.items():
         (out / name).write_text(text, encoding="utf-8")
         print(f"wrote {out / name}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    write_generated(rendered(), Path(argv[0]) if argv else CRD_DIR)
     return 0
 
 

@@ -73,11 +73,9 @@ def rendered() -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    out = Path(argv[0]) if argv else DEPLOY_DIR
-    out.mkdir(parents=True, exist_ok=True)
-    for name, text in rendered().items():
-        (out / name).write_text(text, encoding="utf-8")
-        print(f"wrote {out / name}")
+    from amalia_operator.crd import write_generated
+
+    write_generated(rendered(), Path(argv[0]) if argv else DEPLOY_DIR)
     return 0
 
 

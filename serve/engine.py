@@ -159,7 +159,7 @@ class Engine:
         if not self.tokenizer.chat_template:
             raise EngineError("this checkpoint has no chat template; use /v1/completions")
         encoded = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        ids = encoded["input_ids"] if isinstance(encoded, dict) or hasattr(encoded, "keys") else encoded
+        ids = encoded["input_ids"] if hasattr(encoded, "keys") else encoded  # BatchEncoding in transformers 5
         return list(ids)
 
     def encode_text(self, prompt: str) -> list[int]:

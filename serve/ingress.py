@@ -307,9 +307,10 @@ class AmaliaIngress:
             events = self._stream_events(body, decision, operation, rid, first, stream, started, span)
             return StreamingResponse(events, media_type="text/event-stream", headers=headers)
         text, last = [first.text], first
-        async for out in stream:
-            text.append(out.text)
-            last = out
+        while last.finish_reason is None:  # the final output ends it; no wait for end-of-stream
+            last = await anext(stream)
+            text.append(last.text)
+        stream.cancel()
         used = oai.usage(last.prompt_tokens, last.output_tokens)
         if operation == "chat":
             payload = oai.chat_completion(rid, decision.variant, "".join(text), last.finish_reason, used)
@@ -336,12 +337,12 @@ class AmaliaIngress:
             if operation == "chat":
                 yield _sse(oai.chat_chunk(rid, model, created, {"role": "assistant", "content": ""}, None))
             last = first
-            out: EngineOutput | None = first
-            while out is not None:
-                last = out
-                if out.text or out.finish_reason:
-                    yield _sse(self._chunk(operation, rid, model, created, out))
-                out = await anext(stream, None)
+            while True:
+                if last.text or last.finish_reason:
+                    yield _sse(self._chunk(operation, rid, model, created, last))
+                if last.finish_reason is not None:
+                    break
+                last = await anext(stream)
             if body.include_usage_in_stream:
                 obj = "chat.completion.chunk" if operation == "chat" else "text_completion"
                 used = oai.usage(last.prompt_tokens, last.output_tokens)

@@ -40,6 +40,18 @@ def resolve_model_paths(config: dict[str, Any], base_dir: str | Path) -> dict[st
     return resolved
 
 
+def variant_app_config(
+    name: str, model_path: str | Path, engine: dict[str, Any], deployment: dict[str, Any]
+) -> dict[str, Any]:
+    """One variant application of a Serve config, in the layout the chart and the operator write."""
+    return {
+        "name": name,
+        "route_prefix": None,
+        "import_path": "amalia_serve.app:build_variant_app",
+        "args": {"name": name, "model_path": str(model_path), "engine": engine, "deployment": deployment},
+    }
+
+
 def ingress_weights(config: dict[str, Any]) -> dict[str, int]:
     """The live weights a Serve config gives the ingress of its first application."""
     for deployment in config["applications"][0].get("deployments") or []:

@@ -88,27 +88,32 @@ class VariantServer:
         span.first_token(time.monotonic() - received_at)
         if first.queue_wait_s is not None:
             self.metrics.record_queue_wait(first.queue_wait_s)
-        last = first
         previous_at = time.monotonic()
+        out = first
         try:
-            if completion is not None:
-                completion.append(first.text)
-            yield first
-            async for out in stream:
-                now = time.monotonic()
-                self.metrics.record_inter_token(now - previous_at, out.new_tokens)
-                previous_at, last = now, out
+            while True:
                 if completion is not None:
                     completion.append(out.text)
+                if out.finish_reason is not None:
+                    # Ended before the last yield: the caller stops reading at the final output and never
+                    # waits for the end-of-stream message, so the span must not depend on it.
+                    span.finished(out.prompt_tokens, out.output_tokens, out.finish_reason,
+                                  "".join(completion) if completion is not None else None)  # fmt: skip
+                    self.metrics.record_tokens(out.prompt_tokens, out.output_tokens)
                 yield out
-            span.finished(last.prompt_tokens, last.output_tokens, last.finish_reason or "stop",
-                          "".join(completion) if completion is not None else None)  # fmt: skip
+                if out.finish_reason is not None:
+                    return
+                out = await anext(stream)
+                now = time.monotonic()
+                self.metrics.record_inter_token(now - previous_at, out.new_tokens)
+                previous_at = now
         except BaseException as exc:  # cancellation included: the span says so, then it propagates
             span.failed(exc)
+            if out.finish_reason is None:
+                self.metrics.record_tokens(out.prompt_tokens, out.output_tokens)
             raise
         finally:
             await stream.aclose()  # frees the engine slot when the caller went away mid-stream
-            self.metrics.record_tokens(last.prompt_tokens, last.output_tokens)
 
     async def ready(self) -> bool:
         return True

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from amalia_serve.constants import INGRESS_DEPLOYMENT_NAME
+from amalia_serve.local_run import variant_app_config
 
 
 def free_port() -> int:
@@ -32,17 +33,8 @@ def demo_app_config(
     """The `make run` layout (front app + one app per variant), tiny checkpoints, sized for 2 cores."""
 
     def variant_app(name: str, path: Path) -> dict[str, Any]:
-        return {
-            "name": name,
-            "route_prefix": None,
-            "import_path": "amalia_serve.app:build_variant_app",
-            "args": {
-                "name": name,
-                "model_path": str(path),
-                "engine": {"max_batch_size": 8, **engine},
-                "deployment": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}},
-            },
-        }
+        deployment = {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}}
+        return variant_app_config(name, path, {"max_batch_size": 8, **engine}, deployment)
 
     return {
         "proxy_location": "HeadOnly",
