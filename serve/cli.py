@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 CURL_EXAMPLE = """\
@@ -30,6 +32,10 @@ def _demo_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def _run(args: argparse.Namespace) -> int:
     from ray import serve
 
@@ -40,13 +46,17 @@ def _run(args: argparse.Namespace) -> int:
     config["http_options"] = {**config.get("http_options", {}), "host": args.host, "port": args.port}
     apps = config["applications"]
     local_run.start_local_ray(num_cpus=args.num_cpus)
+    # After ray.init, which installs a SIGTERM handler of its own: `kill` stops us as cleanly as Ctrl-C.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         local_run.deploy_config(config)
         local_run.wait_until_running([a["name"] for a in apps], timeout_s=args.timeout)
         front = AmaliaServingArgs.model_validate(apps[0].get("args") or {})
         models = ", ".join([front.model_alias, *(local_run.ingress_weights(config) or front.variant_names)])
-        print(CURL_EXAMPLE.format(host=args.host, port=args.port, models=models, alias=front.model_alias))
-        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+        print(CURL_EXAMPLE.format(host=args.host, port=args.port, models=models, alias=front.model_alias),
+              flush=True)  # fmt: skip
+        while True:
+            time.sleep(3600)
     except KeyboardInterrupt:
         pass
     finally:
@@ -55,7 +65,10 @@ def _run(args: argparse.Namespace) -> int:
         import ray
 
         ray.shutdown()
-    return 0
+        print("stopped", file=sys.stderr, flush=True)
+    # Everything started is stopped; skip interpreter teardown, where Ray's core worker can abort the
+    # process after a signal (seen with 2.60: make reported "Aborted" after a clean shutdown).
+    os._exit(0)
 
 
 def _weights(args: argparse.Namespace) -> int:
