@@ -68,7 +68,7 @@ def noop_app() -> Any:
 
 
 def serve_config(model: str, port: int, threads: int) -> dict[str, Any]:
-    from amalia_serve.local_run import variant_app_config
+    from amalia_serve.local_run import local_serve_config, variant_app_config
 
     def variant(name: str, env: dict[str, str]) -> dict[str, Any]:
         engine = {"max_batch_size": 16, "max_queue_size": 64, "torch_threads": threads}
@@ -76,23 +76,9 @@ def serve_config(model: str, port: int, threads: int) -> dict[str, Any]:
         return {**variant_app_config(name, model, engine, deployment), "runtime_env": {"env_vars": env}}
 
     naive_env = {"AMALIA_ENGINE_CLS": "benchmarks.naive_engine:NaiveGenerateEngine", "PYTHONPATH": str(ROOT)}
-    return {
-        "proxy_location": "HeadOnly",
-        "http_options": {"host": "127.0.0.1", "port": port},
-        "applications": [
-            {
-                "name": "amalia",
-                "route_prefix": "/",
-                "import_path": "amalia_serve.app:build_app",
-                "args": {"ingress": {"deployment": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0}}}},
-                "deployments": [
-                    {"name": "AmaliaIngress", "user_config": {"weights": {"cb": 1, "naive": 0}}}
-                ],
-            },
-            variant("cb", {}),
-            variant("naive", naive_env),
-        ],
-    }
+    front_args = {"ingress": {"deployment": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0}}}}
+    variants = [variant("cb", {}), variant("naive", naive_env)]
+    return local_serve_config(port, {"cb": 1, "naive": 0}, variants, front_args)
 
 
 async def stream_tokens(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int) -> int:

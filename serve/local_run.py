@@ -40,6 +40,24 @@ def resolve_model_paths(config: dict[str, Any], base_dir: str | Path) -> dict[st
     return resolved
 
 
+def local_serve_config(
+    port: int, weights: dict[str, int], variant_apps: list[dict[str, Any]], front_args: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """A whole Serve config on 127.0.0.1:`port`: the front application and the given variant applications."""
+    front = {
+        "name": "amalia",
+        "route_prefix": "/",
+        "import_path": "amalia_serve.app:build_app",
+        "args": front_args or {"model_alias": "amalia"},
+        "deployments": [{"name": INGRESS_DEPLOYMENT_NAME, "user_config": {"weights": dict(weights)}}],
+    }
+    return {
+        "proxy_location": "HeadOnly",
+        "http_options": {"host": "127.0.0.1", "port": port},
+        "applications": [front, *variant_apps],
+    }
+
+
 def variant_app_config(
     name: str, model_path: str | Path, engine: dict[str, Any], deployment: dict[str, Any]
 ) -> dict[str, Any]:

@@ -9,8 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from amalia_serve.constants import INGRESS_DEPLOYMENT_NAME
-from amalia_serve.local_run import variant_app_config
+from amalia_serve.local_run import local_serve_config, variant_app_config
 
 
 def free_port() -> int:
@@ -36,26 +35,8 @@ def demo_app_config(
         deployment = {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}}
         return variant_app_config(name, path, {"max_batch_size": 8, **engine}, deployment)
 
-    return {
-        "proxy_location": "HeadOnly",
-        "http_options": {"host": "127.0.0.1", "port": port},
-        "applications": [
-            {
-                "name": "amalia",
-                "route_prefix": "/",
-                "import_path": "amalia_serve.app:build_app",
-                "args": {"model_alias": "amalia"},
-                "deployments": [
-                    {
-                        "name": INGRESS_DEPLOYMENT_NAME,
-                        "user_config": {"weights": weights or {"amalia-sft": 90, "amalia-dpo": 10}},
-                    }
-                ],
-            },
-            variant_app("amalia-sft", sft),
-            variant_app("amalia-dpo", dpo),
-        ],
-    }
+    weights = weights or {"amalia-sft": 90, "amalia-dpo": 10}
+    return local_serve_config(port, weights, [variant_app("amalia-sft", sft), variant_app("amalia-dpo", dpo)])
 
 
 @contextmanager
