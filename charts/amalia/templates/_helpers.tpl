@@ -133,7 +133,9 @@ sorted keys whatever the values hold.
 {{- $weights := include "amalia-serve.weights" . | fromJson }}
 {{- $live := dict "name" "AmaliaIngress" "user_config" (dict "weights" $weights) }}
 {{- $app := dict "name" $front "import_path" "amalia_serve.app:build_app" "route_prefix" "/" "args" $args "deployments" (list $live) }}
-{{- $config := dict "proxy_location" "EveryNode" "http_options" (dict "host" "0.0.0.0" "port" 8000) "applications" (prepend $apps $app) }}
+{{- /* JSON replica logs carry each record's trace_id and span_id, so logs and traces join. */}}
+{{- $logging := dict "encoding" "JSON" "log_level" "INFO" }}
+{{- $config := dict "proxy_location" "EveryNode" "http_options" (dict "host" "0.0.0.0" "port" 8000) "logging_config" $logging "applications" (prepend $apps $app) }}
 {{- toYaml $config }}
 {{- end }}
 

@@ -64,6 +64,12 @@ def test_serve_config_carries_weights_and_gpus_when_two_variants() -> None:
         assert variant.engine.max_model_len == 8192
 
 
+def test_serve_config_logs_json_so_log_lines_carry_trace_ids() -> None:
+    config = serve_config(render("helm3", VALUES_FILES["production-gpu"]))
+    schema = ServeDeploySchema.model_validate(config)
+    assert schema.logging_config is not None and schema.logging_config.encoding == "JSON"
+
+
 def test_serve_config_uses_fixed_replicas_when_no_autoscaling() -> None:
     (variant,) = variant_configs(serve_config(render("helm3", VALUES_FILES["minimal"])))
     assert variant.deployment.num_replicas == 1 and variant.deployment.autoscaling_config is None
