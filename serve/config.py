@@ -24,11 +24,11 @@ class AmaliaModel(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     @classmethod
-    def from_yaml(cls, text: str) -> "AmaliaModel":
+    def from_yaml(cls, text: str) -> AmaliaModel:
         return cls.model_validate(yaml.safe_load(text))
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "AmaliaModel":
+    def from_file(cls, path: str | Path) -> AmaliaModel:
         return cls.from_yaml(Path(path).read_text(encoding="utf-8"))
 
 
@@ -83,7 +83,7 @@ class DeploymentOptions(AmaliaModel):
     )
 
     @model_validator(mode="after")
-    def _replicas_or_autoscaling(self) -> "DeploymentOptions":
+    def _replicas_or_autoscaling(self) -> DeploymentOptions:
         if self.num_replicas is not None and self.autoscaling_config is not None:
             raise ValueError("set num_replicas or autoscaling_config, not both")
         gpus = self.ray_actor_options.get("num_gpus")
@@ -167,7 +167,7 @@ class AmaliaServingArgs(AmaliaModel):
     ingress: IngressConfig = Field(default_factory=IngressConfig, description="See IngressConfig.")
 
     @model_validator(mode="after")
-    def _consistent(self) -> "AmaliaServingArgs":
+    def _consistent(self) -> AmaliaServingArgs:
         names = [v.name for v in self.variants]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:

@@ -20,7 +20,6 @@ import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
@@ -146,7 +145,7 @@ class Engine:
     @classmethod
     def from_checkpoint(
         cls, model_path: str, config: EngineConfig, on_step: StepObserver | None = None
-    ) -> "Engine":
+    ) -> Engine:
         return cls(load_checkpoint(model_path, config), config, on_step=on_step)
 
     # ---- prompts ---------------------------------------------------------------------------------------------

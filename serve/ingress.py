@@ -176,7 +176,7 @@ class AmaliaIngress:
             try:
                 handle = self._stream_handle(name).options(stream=False)
                 return bool(await asyncio.wait_for(handle.ready.remote(), self.args.ingress.ready_timeout_s))
-            except Exception:
+            except Exception:  # noqa: BLE001  (any failure of a variant to answer means: not ready)
                 return False
 
         names = self.variant_names

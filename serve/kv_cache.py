@@ -85,7 +85,7 @@ class BatchKVCache(Cache):
         for layer, (k, v) in zip(self.layers, self._views()):
             layer.load(k[:, :, columns:], v[:, :, columns:])
 
-    def merge(self, other: "BatchKVCache") -> None:
+    def merge(self, other: BatchKVCache) -> None:
         """Append `other`'s rows below ours, left-padding whichever is shorter to the common length."""
         length = max(self.length, other.length)
         for layer, (k, v), (ok, ov) in zip(self.layers, self._views(), other._views()):

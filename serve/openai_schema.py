@@ -92,7 +92,7 @@ class CompletionRequest(_GenerationRequest):
     logprobs: None = None
 
     @model_validator(mode="after")
-    def _single_prompt(self) -> "CompletionRequest":
+    def _single_prompt(self) -> CompletionRequest:
         if isinstance(self.prompt, list) and len(self.prompt) != 1:
             raise ValueError("exactly one prompt per request is supported")
         if not self.prompt_text():

@@ -30,7 +30,7 @@ def _replica_cpus() -> int:
     """CPUs Ray assigned to this replica: torch gets that many threads, so replicas do not fight over cores."""
     try:
         return max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
-    except Exception:  # outside a Ray worker (unit tests of the class)
+    except Exception:  # noqa: BLE001  (outside a Ray worker: no assigned resources to read)
         return 1
 
 

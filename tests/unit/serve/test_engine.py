@@ -77,7 +77,7 @@ async def test_engine_admits_new_request_into_running_batch_and_drops_finished(e
     await wait_for(lambda: engine.stats().running <= 1)
     assert joined_while_long_ran
     assert short_last.output_tokens == 5 and short_last.finish_reason == "length"
-    long_text, long_last = await long_req
+    _, long_last = await long_req
     assert long_last.output_tokens == 400
     solo_short, _ = await collect(engine, "Bom dia", SamplingParams(max_tokens=5, temperature=0.0))
     assert short_text == solo_short
