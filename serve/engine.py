@@ -387,18 +387,16 @@ class Engine:
             seq.output_ids.append(token)
             finish: str | None = None
             if token in self._eos_ids:
-                text = seq.stops.feed(seq.detokenizer.flush())[0] + seq.stops.finish()
-                finish = "stop"
+                text, finish = _drain(seq), "stop"
             else:
                 text, hit = seq.stops.feed(seq.detokenizer.add(token))
                 if hit:
                     finish = "stop"
                 elif len(seq.output_ids) >= seq.max_tokens:
-                    text += seq.stops.feed(seq.detokenizer.flush())[0] + seq.stops.finish()
-                    finish = "length"
-            wait = seq.queue_wait_s if len(seq.output_ids) == 1 else None
+                    text, finish = text + _drain(seq), "length"
             out = self._output(seq, text, 1, finish)
-            out.queue_wait_s = wait
+            if len(seq.output_ids) == 1:
+                out.queue_wait_s = seq.queue_wait_s
             if finish is not None:
                 seq.finished = True
             outputs.append((seq, out))
@@ -428,14 +426,12 @@ class Engine:
             self._cache, self._mask = None, None
             return
         assert self._cache is not None and self._mask is not None
-        self._cache.select(keep)
-        self._mask = self._mask[keep]
+        mask = self._mask[keep]
         # Columns that only departed rows attended to are dead weight in every later step.
-        live = self._mask.any(dim=0).nonzero()
+        live = mask.any(dim=0).nonzero()
         first = int(live[0]) if live.numel() else 0
-        if first:
-            self._cache.trim_left(first)
-            self._mask = self._mask[:, first:]
+        self._cache.keep(keep, first)
+        self._mask = mask[:, first:]
 
     def _collect_eos_ids(self) -> frozenset[int]:
         ids: set[int] = set()
@@ -448,6 +444,11 @@ class Engine:
         if isinstance(im_end, int) and im_end != self.tokenizer.unk_token_id:
             ids.add(im_end)
         return frozenset(ids)
+
+
+def _drain(seq: _Sequence) -> str:
+    """Generation ended: release what the detokenizer and the stop matcher still hold back."""
+    return seq.stops.feed(seq.detokenizer.flush())[0] + seq.stops.finish()
 
 
 def _left_pad_mask(mask: torch.Tensor, length: int) -> torch.Tensor:

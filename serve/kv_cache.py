@@ -74,16 +74,14 @@ class BatchKVCache(Cache):
     def _views(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [(layer.keys, layer.values) for layer in self.layers]
 
-    def select(self, rows: Sequence[int]) -> None:
-        """Keep only `rows`, in that order."""
+    def keep(self, rows: Sequence[int], first_column: int = 0) -> None:
+        """Keep only `rows`, in that order, from `first_column` on (earlier columns are padding no kept row
+        attends to). One copy of what stays, however many rows left."""
         index = torch.tensor(rows, dtype=torch.long, device=self.layers[0].keys.device)
         for layer, (k, v) in zip(self.layers, self._views()):
-            layer.load(k.index_select(0, index), v.index_select(0, index))
-
-    def trim_left(self, columns: int) -> None:
-        """Drop the first `columns` positions (padding no row attends to any more)."""
-        for layer, (k, v) in zip(self.layers, self._views()):
-            layer.load(k[:, :, columns:], v[:, :, columns:])
+            layer.load(
+                k[:, :, first_column:].index_select(0, index), v[:, :, first_column:].index_select(0, index)
+            )
 
     def merge(self, other: BatchKVCache) -> None:
         """Append `other`'s rows below ours, left-padding whichever is shorter to the common length."""
