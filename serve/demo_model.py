@@ -75,11 +75,14 @@ def _write_tiny_llama(out_dir: Path, seed: int) -> None:
     tokenizer = AutoTokenizer.from_pretrained(out_dir, local_files_only=True)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
+        # AMALIA's attention shape at a small scale: head_dim 128 (vLLM's CPU attention refuses small heads)
+        # and grouped-query attention with 2 query heads per KV head.
+        hidden_size=256,
+        intermediate_size=512,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
+        head_dim=128,
         max_position_embeddings=DEMO_CONTEXT,
         rms_norm_eps=1e-5,
         rope_theta=10000.0,
