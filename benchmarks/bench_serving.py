@@ -1,15 +1,15 @@
-"""Serving benchmark: continuous batching vs one stream and vs a naive `generate` server, and the Serve overhead.
+"""Serving benchmark: amalia-serve over HTTP next to bare `vllm serve` (same engine args), the naive `generate`
+server, and Ray Serve's own no-op floor, in one run on the realistic CPU checkpoint (SmolLM2-135M-Instruct,
+built by `make bench` with `amalia-serve demo-models .models --realistic`).
 
-Everything is measured in one run on one local Ray cluster, on the realistic CPU checkpoint
-(SmolLM2-135M-Instruct, `amalia-serve demo-models .models --realistic`):
+Measured, with the same streaming client (benchmarks/load.py) against every server:
+- output tokens/s and TTFT p50/p99 at each concurrency level, amalia-serve (ingress -> variant) and bare vLLM;
+- the naive server at 1 and at the top level;
+- TTFT of the 3rd turn of conversations sharing a ~1,000-token system prompt, prefix caching on and off;
+- p50 of a no-op request through Ray Serve's HTTP proxy -> FastAPI ingress -> handle -> deployment.
 
-- single-stream and 16-concurrent streaming output tokens/s through HTTP (`concurrency_speedup`);
-- the same 16 concurrent requests against the naive baseline behind the same API (`vs_naive`);
-- p50 latency of a 1-token completion in-process vs through Serve's HTTP path (`serve_overhead_ms_p50`),
-  next to Ray Serve's own floor, a no-op FastAPI ingress -> DeploymentHandle -> deployment (`serve_floor_ms_p50`);
-- in-process, our engine vs transformers' own continuous batching (`generate_batch`) on the same prompts.
-
-The last line printed is one JSON object with every number.
+Prints a table as it goes, writes a PNG plot (throughput and TTFT vs concurrency) under benchmarks/results/,
+and ends with one JSON line holding every number and the goals' verdicts.
 """
 
 from __future__ import annotations
@@ -18,240 +18,227 @@ import argparse
 import asyncio
 import json
 import os
-import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-PROMPTS = [
-    "Write a long story about a lighthouse keeper in Portugal.",
-    "Explain in detail how photosynthesis works.",
-    "Describe the history of Lisbon from the Romans to today.",
-    "List twenty ideas for a weekend in the Algarve and explain each.",
-    "Write a detailed guide to making bread at home.",
-    "Explain how a transformer language model generates text, step by step.",
-    "Describe the water cycle for a ten-year-old, with examples.",
-    "Write a long letter to a friend about a trip to the Azores.",
-]
+from benchmarks.load import LevelResult, http_p50_ms, run_level, third_turn_ttft_ms  # noqa: E402
+from benchmarks.servers import bare_vllm, noop_app  # noqa: E402
 
-
-def noop_app() -> Any:
-    """Ray Serve's floor: the same shape as our path (FastAPI ingress -> handle -> deployment), doing nothing."""
-    from fastapi import FastAPI
-    from ray import serve
-    from ray.serve.handle import DeploymentHandle
-
-    api = FastAPI()
-
-    @serve.deployment(ray_actor_options={"num_cpus": 0})
-    class Noop:
-        async def __call__(self) -> str:
-            return "ok"
-
-    @serve.deployment(ray_actor_options={"num_cpus": 0})
-    @serve.ingress(api)
-    class NoopIngress:
-        def __init__(self, backend: DeploymentHandle) -> None:
-            self.backend = backend
-
-        @api.post("/noop")
-        async def noop(self) -> dict[str, str]:
-            return {"result": await self.backend.remote()}
-
-    return NoopIngress.bind(Noop.bind())
+NAIVE_ENGINE = "benchmarks.naive_engine:NaiveGenerateEngine"
+# Goals of the engine issue (CPU part), checked on the JSON keys below.
+GOALS: dict[str, tuple[str, float]] = {
+    "vs_vllm_serve": (">=", 0.9),
+    "concurrency_speedup": (">=", 6.0),
+    "vs_naive": (">=", 10.0),
+    "prefix_ttft_ratio": ("<=", 0.5),
+}
 
 
-def serve_config(model: str, port: int, threads: int) -> dict[str, Any]:
+def engine_block(args: argparse.Namespace, prefix_caching: bool = True) -> dict[str, Any]:
+    return {
+        "max_num_seqs": max(args.levels),
+        "max_model_len": 2048,
+        "kv_cache_memory_bytes": args.kv_cache_gib << 30,
+        "enable_prefix_caching": prefix_caching,
+        # Bare vLLM sends the chats as they are: no default system prompt, so both prefill the same tokens.
+        "system_prompt": None,
+    }
+
+
+def serve_config(args: argparse.Namespace, port: int) -> dict[str, Any]:
     from amalia_serve.local_run import local_serve_config, variant_app_config
 
-    def variant(name: str, env: dict[str, str]) -> dict[str, Any]:
-        engine = {"max_batch_size": 16, "max_queue_size": 64, "torch_threads": threads}
-        deployment = {"num_replicas": 1, "max_ongoing_requests": 64, "ray_actor_options": {"num_cpus": threads}}
-        return {**variant_app_config(name, model, engine, deployment), "runtime_env": {"env_vars": env}}
+    def variant(name: str, engine: dict[str, Any], env: dict[str, str] | None = None) -> dict[str, Any]:
+        deployment = {"num_replicas": 1, "max_ongoing_requests": 256, "ray_actor_options": {"num_cpus": 1}}
+        app = variant_app_config(name, args.model, engine, deployment)
+        return {**app, "runtime_env": {"env_vars": env}} if env else app
 
-    naive_env = {"AMALIA_ENGINE_CLS": "benchmarks.naive_engine:NaiveGenerateEngine", "PYTHONPATH": str(ROOT)}
-    front_args = {"ingress": {"deployment": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0}}}}
-    variants = [variant("cb", {}), variant("naive", naive_env)]
-    return local_serve_config(port, {"cb": 1, "naive": 0}, variants, front_args)
-
-
-async def stream_tokens(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int) -> int:
-    body = {
-        "model": model, "max_tokens": max_tokens, "temperature": 0.7, "seed": 1, "stream": True,
-        "stream_options": {"include_usage": True}, "messages": [{"role": "user", "content": prompt}],
-    }  # fmt: skip
-    tokens = 0
-    async with client.stream("POST", "/v1/chat/completions", json=body) as response:
-        response.raise_for_status()
-        async for line in response.aiter_lines():
-            if line.startswith("data: {") and '"usage"' in line:
-                usage = json.loads(line[6:]).get("usage")
-                if usage:
-                    tokens = usage["completion_tokens"]
-    return tokens
+    naive_env = {"AMALIA_ENGINE_CLS": NAIVE_ENGINE, "PYTHONPATH": str(ROOT)}
+    variants = [
+        variant("smollm2", engine_block(args)),
+        variant("smollm2-noprefix", engine_block(args, prefix_caching=False)),
+        variant("naive", {"max_model_len": 2048}, naive_env),
+    ]
+    front = {"ingress": {"deployment": {"num_replicas": 1, "max_ongoing_requests": 512,
+                                        "ray_actor_options": {"num_cpus": 0}}}}  # fmt: skip
+    return local_serve_config(port, {"smollm2": 1, "smollm2-noprefix": 0, "naive": 0}, variants, front)
 
 
-async def throughput(base_url: str, model: str, concurrency: int, rounds: int, max_tokens: int) -> float:
-    async with httpx.AsyncClient(base_url=base_url, timeout=600) as client:
-        await stream_tokens(client, model, PROMPTS[0], 8)  # warm-up
-        started = time.perf_counter()
-        total = 0
-        for r in range(rounds):
-            jobs = [stream_tokens(client, model, PROMPTS[(r + i) % len(PROMPTS)], max_tokens)
-                    for i in range(concurrency)]  # fmt: skip
-            total += sum(await asyncio.gather(*jobs))
-        return total / (time.perf_counter() - started)
+def long_system_prompt(model: str, tokens: int = 1000) -> str:
+    """Portuguese text of about `tokens` tokens in the model's tokenizer."""
+    from importlib import resources
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    lines = resources.files("amalia_serve").joinpath("demo_corpus/pt.txt").read_text(encoding="utf-8").splitlines()
+    text, i = "És um assistente do Estado português. Contexto:\n", 0
+    while len(tokenizer(text)["input_ids"]) < tokens:
+        text += lines[i % len(lines)] + "\n"
+        i += 1
+    return text
 
 
-def p50_ms(samples: list[float]) -> float:
-    return statistics.median(samples) * 1000
+class Progress:
+    """A progress bar over every request of the run, and a table row per measured level."""
+
+    def __init__(self, total: int) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, unit="req", file=sys.stderr, dynamic_ncols=True)
+        self.rows: list[str] = []
+
+    def tick(self) -> None:
+        self.bar.update(1)
+
+    def row(self, server: str, level: LevelResult) -> None:
+        line = (f"{server:<14} {level.concurrency:>7} {level.requests:>8} {level.tok_s:>10.1f} "
+                f"{level.ttft_p50_ms:>11.1f} {level.ttft_p99_ms:>11.1f}")  # fmt: skip
+        if not self.rows:
+            self.bar.write(f"{'server':<14} {'streams':>7} {'requests':>8} {'out tok/s':>10} "
+                           f"{'TTFT p50 ms':>11} {'TTFT p99 ms':>11}")  # fmt: skip
+        self.rows.append(line)
+        self.bar.write(line)
 
 
-async def http_latency(base_url: str, path: str, body: dict[str, Any] | None, n: int) -> float:
-    async with httpx.AsyncClient(base_url=base_url, timeout=60) as client:
-        samples = []
-        for i in range(n + 5):
-            started = time.perf_counter()
-            response = await client.post(path, json=body)
-            response.raise_for_status()
-            if i >= 5:
-                samples.append(time.perf_counter() - started)
-        return p50_ms(samples)
+def sweep(
+    url: str, model: str, levels: list[int], args: argparse.Namespace, progress: Progress, server: str
+) -> dict[int, LevelResult]:
+    results = {}
+    asyncio.run(run_level(url, model, 1, 2, 8))  # warm-up: first compiled shapes, first prefill
+    for level in levels:
+        result = asyncio.run(run_level(url, model, level, level * args.rounds, args.max_tokens,
+                                       on_done=progress.tick))  # fmt: skip
+        progress.row(server, result)
+        results[level] = result
+    return results
 
 
-async def paired_overhead(base_url: str, engine: Any, n: int) -> tuple[float, float, float]:
-    """p50 of a 1-token completion over HTTP and in-process, and p50 of their paired difference.
+def measure_amalia(args: argparse.Namespace, progress: Progress, system_prompt: str) -> dict[str, Any]:
+    import ray
+    from ray import serve
+    from serve_harness import free_port
 
-    The two are measured alternately, so drift in CPU speed hits both sides of each pair alike; the model's
-    own forward (~85 ms here) dominates either latency and would otherwise drown a few ms of overhead.
-    """
-    from amalia_serve.sampling import SamplingParams
+    from amalia_serve.local_run import deploy_config, start_local_ray, wait_until_running
 
-    body = {"model": "cb", "prompt": "Olá", "max_tokens": 1, "temperature": 0}
-    params = SamplingParams(max_tokens=1, temperature=0.0)
-    http, local = [], []
-    async with httpx.AsyncClient(base_url=base_url, timeout=60) as client:
-        for i in range(n + 5):
-            started = time.perf_counter()
-            (await client.post("/v1/completions", json=body)).raise_for_status()
-            middle = time.perf_counter()
-            async for _ in engine.generate(engine.encode_text("Olá"), params):
-                pass
-            ended = time.perf_counter()
-            if i >= 5:
-                http.append(middle - started)
-                local.append(ended - middle)
-    return p50_ms(http), p50_ms(local), p50_ms([h - l for h, l in zip(http, local)])
-
-
-async def engine_throughput(engine: Any, n: int, max_tokens: int) -> float:
-    from amalia_serve.sampling import SamplingParams
-
-    async def one(prompt: str) -> int:
-        last = 0
-        ids = engine.encode_chat([{"role": "user", "content": prompt}])
-        async for out in engine.generate(ids, SamplingParams(max_tokens=max_tokens, temperature=0.7, seed=1)):
-            last = out.output_tokens
-        return last
-
-    started = time.perf_counter()
-    total = sum(await asyncio.gather(*(one(PROMPTS[i % len(PROMPTS)]) for i in range(n))))
-    return total / (time.perf_counter() - started)
-
-
-def hf_continuous_batching_throughput(engine: Any, n: int, max_tokens: int) -> float | str:
-    """transformers' own continuous batching on the same model and prompts, in-process."""
-    from transformers import GenerationConfig
-
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    start_local_ray(num_cpus=8, dashboard=False)
     try:
-        inputs = [engine.encode_chat([{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]) for i in range(n)]
-        config = GenerationConfig(max_new_tokens=max_tokens, do_sample=True, temperature=0.7,
-                                  eos_token_id=engine.tokenizer.eos_token_id,
-                                  pad_token_id=engine.tokenizer.pad_token_id)  # fmt: skip
-        started = time.perf_counter()
-        outputs = engine.model.generate_batch(inputs=inputs, generation_config=config, progress_bar=False)
-        elapsed = time.perf_counter() - started
-        tokens = sum(len(out.generated_tokens) for out in outputs.values())
-        return tokens / elapsed
-    except Exception as exc:  # noqa: BLE001  (an API that moved is a finding to print, not a crash)
-        return f"failed: {type(exc).__name__}: {exc}"[:200]
+        deploy_config(serve_config(args, port))
+        wait_until_running(["amalia", "smollm2", "smollm2-noprefix", "naive"], timeout_s=900)
+        serve.run(noop_app(), name="noop", route_prefix="/floor")
+        floor = asyncio.run(http_p50_ms(url, "/floor/noop", args.latency_samples))
+        ours = sweep(url, "smollm2", args.levels, args, progress, "amalia-serve")
+        top = max(args.levels)
+        naive = {}
+        for level in (1, top):
+            naive[level] = asyncio.run(run_level(url, "naive", level, level, args.max_tokens, on_done=progress.tick))
+            progress.row("naive", naive[level])
+        prefix_on = asyncio.run(third_turn_ttft_ms(url, "smollm2", system_prompt, args.prefix_users))
+        prefix_off = asyncio.run(third_turn_ttft_ms(url, "smollm2-noprefix", system_prompt, args.prefix_users))
+        return {"floor": floor, "ours": ours, "naive": naive, "prefix_on": prefix_on, "prefix_off": prefix_off}
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def measure_bare_vllm(args: argparse.Namespace, progress: Progress, log_dir: Path) -> dict[int, LevelResult]:
+    from serve_harness import free_port
+
+    from amalia_serve.config import EngineConfig
+
+    config = EngineConfig.model_validate(engine_block(args))
+    with bare_vllm(config, args.model, "smollm2", free_port(), log_dir / "vllm-serve.log") as url:
+        return sweep(url, "smollm2", args.levels, args, progress, "vllm serve")
+
+
+def plot(path: Path, series: dict[str, dict[int, LevelResult]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (tput, ttft) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, levels in series.items():
+        xs = sorted(levels)
+        tput.plot(xs, [levels[x].tok_s for x in xs], marker="o", label=name)
+        ttft.plot(xs, [levels[x].ttft_p50_ms for x in xs], marker="o", label=name)
+    for ax, label in ((tput, "output tokens/s"), (ttft, "TTFT p50 (ms)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent streams")
+        ax.set_ylabel(label)
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    fig.suptitle("amalia-serve vs bare vLLM vs naive generate (SmolLM2-135M, vLLM CPU build)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def verdicts(results: dict[str, Any]) -> dict[str, bool]:
+    compare: dict[str, Callable[[float, float], bool]] = {">=": lambda a, b: a >= b, "<=": lambda a, b: a <= b}
+    out = {key: compare[op](results[key], bound) for key, (op, bound) in GOALS.items()}
+    out["ttft_overhead_ms_p50"] = results["ttft_overhead_ms_p50"] <= results["serve_floor_ms_p50"] + 5
+    return out
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(ROOT / ".models" / "smollm2-135m-instruct"))
-    parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--levels", default="1,2,4,8,16", help="concurrency levels (comma-separated)")
+    parser.add_argument("--rounds", type=int, default=3, help="requests per stream at each level")
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--kv-cache-gib", type=int, default=1)
     parser.add_argument("--latency-samples", type=int, default=60)
-    parser.add_argument("--threads", type=int, default=2, help="torch threads of the model replica")
+    parser.add_argument("--prefix-users", type=int, default=5)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args()
+    args.levels = sorted({int(x) for x in args.levels.split(",")})
     if not (Path(args.model) / "config.json").exists():
-        print(f"{args.model} missing: run `amalia-serve demo-models .models --realistic` first", file=sys.stderr)
+        print(f"{args.model} missing: run `make bench` (it builds the realistic checkpoint)", file=sys.stderr)
         return 2
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    top = max(args.levels)
+    total = 2 * sum(level * args.rounds for level in args.levels) + 1 + top
+    progress = Progress(total)
+    started = time.monotonic()
 
-    from ray import serve
+    amalia = measure_amalia(args, progress, long_system_prompt(args.model))
+    vllm = measure_bare_vllm(args, progress, out_dir)
+    progress.bar.close()
 
-    from amalia_serve.config import EngineConfig
-    from amalia_serve.engine import Engine
-    from amalia_serve.local_run import deploy_config, start_local_ray, wait_until_running
-
-    sys.path.insert(0, str(ROOT / "tests"))
-    from serve_harness import free_port
-
-    port = free_port()
-    base_url = f"http://127.0.0.1:{port}"
-    start_local_ray(num_cpus=8, dashboard=False)
-    results: dict[str, Any] = {"model": Path(args.model).name, "cpus": os.cpu_count(),
-                               "concurrency": args.concurrency, "max_tokens": args.max_tokens}  # fmt: skip
-    engine = None
-    try:
-        deploy_config(serve_config(args.model, port, args.threads))
-        wait_until_running(["amalia", "cb", "naive"], timeout_s=600)
-        serve.run(noop_app(), name="noop", route_prefix="/floor")
-
-        single = asyncio.run(throughput(base_url, "cb", 1, 2, args.max_tokens))
-        batched = asyncio.run(throughput(base_url, "cb", args.concurrency, args.rounds, args.max_tokens))
-        naive = asyncio.run(throughput(base_url, "naive", args.concurrency, 1, args.max_tokens))
-        results.update(single_stream_tok_s=round(single, 1), concurrent_tok_s=round(batched, 1),
-                       naive_concurrent_tok_s=round(naive, 1))  # fmt: skip
-
-        # The in-process engine idles while Serve answers and the replica idles while it runs.
-        engine = Engine.from_checkpoint(args.model, EngineConfig(torch_threads=args.threads, max_batch_size=16))
-        http_p50, inproc_p50, overhead_p50 = asyncio.run(paired_overhead(base_url, engine, args.latency_samples))
-        floor_p50 = asyncio.run(http_latency(base_url, "/floor/noop", None, args.latency_samples))
-    finally:
-        serve.shutdown()
-        import ray
-
-        ray.shutdown()
-
-    assert engine is not None
-    try:
-        ours_inproc = asyncio.run(engine_throughput(engine, args.concurrency, args.max_tokens))
-        hf_cb = hf_continuous_batching_throughput(engine, args.concurrency, args.max_tokens)
-    finally:
-        engine.shutdown()
-
-    results.update(
-        concurrency_speedup=round(batched / single, 2),
-        vs_naive=round(batched / naive, 2),
-        http_1token_ms_p50=round(http_p50, 2),
-        inprocess_1token_ms_p50=round(inproc_p50, 2),
-        serve_overhead_ms_p50=round(overhead_p50, 2),
-        serve_floor_ms_p50=round(floor_p50, 2),
-        engine_inprocess_tok_s=round(ours_inproc, 1),
-        hf_generate_batch_tok_s=round(hf_cb, 1) if isinstance(hf_cb, float) else hf_cb,
-    )
-    width = max(len(k) for k in results)
-    for key, value in results.items():
-        print(f"{key:<{width}}  {value}")
+    ours, naive = amalia["ours"], amalia["naive"]
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    png = out_dir / f"serving-{stamp}.png"
+    plot(png, {"amalia-serve": ours, "vllm serve": vllm, "naive generate": naive})
+    results: dict[str, Any] = {
+        "model": Path(args.model).name,
+        "cpus": os.cpu_count(),
+        "max_tokens": args.max_tokens,
+        "levels": args.levels,
+        "amalia_tok_s": {k: round(v.tok_s, 1) for k, v in ours.items()},
+        "vllm_serve_tok_s": {k: round(v.tok_s, 1) for k, v in vllm.items()},
+        "amalia_ttft_ms_p50": {k: round(v.ttft_p50_ms, 1) for k, v in ours.items()},
+        "vllm_serve_ttft_ms_p50": {k: round(v.ttft_p50_ms, 1) for k, v in vllm.items()},
+        "naive_tok_s": {k: round(v.tok_s, 1) for k, v in naive.items()},
+        "vs_vllm_serve": round(ours[top].tok_s / vllm[top].tok_s, 3),
+        "ttft_overhead_ms_p50": round(ours[1].ttft_p50_ms - vllm[1].ttft_p50_ms, 1),
+        "serve_floor_ms_p50": round(amalia["floor"], 1),
+        "concurrency_speedup": round(ours[top].tok_s / ours[1].tok_s, 2),
+        "vs_naive": round(ours[top].tok_s / naive[top].tok_s, 2),
+        "prefix_ttft_ms": {"on": round(amalia["prefix_on"], 1), "off": round(amalia["prefix_off"], 1)},
+        "prefix_ttft_ratio": round(amalia["prefix_on"] / amalia["prefix_off"], 3),
+        "plot": str(png),
+        "seconds": round(time.monotonic() - started),
+    }
+    results["goals_met"] = verdicts(results)
     print(json.dumps(results))
     return 0
 

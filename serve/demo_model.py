@@ -163,6 +163,7 @@ def write_smollm2_checkpoint(out: str | Path) -> Path:
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
+        model = model.to(torch.bfloat16)  # stored like AMALIA's checkpoints; vLLM's CPU build runs bf16 natively
         staging = out.with_name(out.name + ".partial")
         shutil.rmtree(staging, ignore_errors=True)
         model.save_pretrained(staging, safe_serialization=True)

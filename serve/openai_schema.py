@@ -53,6 +53,7 @@ class _GenerationRequest(_Request):
     user: str | None = Field(None, max_length=256)
     presence_penalty: float = Field(0.0, ge=0.0, le=0.0, description="Not supported; only 0 is accepted.")
     frequency_penalty: float = Field(0.0, ge=0.0, le=0.0, description="Not supported; only 0 is accepted.")
+    ignore_eos: bool = Field(False, description="vLLM's extension: generate max_tokens even past end-of-sequence.")
 
     @field_validator("stop")
     @classmethod
@@ -68,7 +69,8 @@ class _GenerationRequest(_Request):
     def _sampling(self, max_tokens: int | None) -> SamplingParams:
         stops = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         return SamplingParams(
-            max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, seed=self.seed, stop=stops
+            max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, seed=self.seed, stop=stops,
+            ignore_eos=self.ignore_eos,
         )
 
 

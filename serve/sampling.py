@@ -14,6 +14,7 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
+    ignore_eos: bool = False  # keep generating past end-of-sequence (benchmarks, as vLLM's API offers)
 
     @property
     def greedy(self) -> bool:

@@ -268,6 +268,7 @@ class VLLMEngine(Engine):
             top_p=sampling.top_p,
             seed=sampling.seed,
             stop=list(sampling.stop) or None,
+            ignore_eos=sampling.ignore_eos,
             output_kind=RequestOutputKind.DELTA,
         )
         stream = self._llm.generate(TokensPrompt(prompt_token_ids=prompt_ids), params, request_id)
