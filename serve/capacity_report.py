@@ -403,6 +403,8 @@ def chart_capacity_yaml() -> str:
             # By weight format in memory: as stored, or fp8 quantized while loading a 16-bit checkpoint.
             "weightBytes": {fmt: model.weight_bytes(fmt) for fmt in formats},
             "kvBytesPerToken": {kv: model.kv_bytes_per_token(kv) for kv in ("auto", "fp8")},
+            # Tensor parallelism splits the KV heads: ceil(kvHeads / tensor_parallel_size) per GPU.
+            "kvHeads": model.num_kv_heads,
             "activationBytesPerBatchedToken": model.activation_bytes_per_batched_token,
             "samplerBytesPerSequence": model.sampler_bytes_per_sequence,
         }
