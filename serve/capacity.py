@@ -354,36 +354,31 @@ class Gpu:
         return "native"
 
 
-def _mig(card: str, profile: str, gib: float, cc: tuple[int, int]) -> Gpu:
-    return Gpu(f"{card}:{profile}", int(gib * 1024), cc)
-
-
 HOPPER, ADA, AMPERE = (9, 0), (8, 9), (8, 0)
-# Whole cards: "Total" MiB of nvidia-smi. MIG slices: GiB of `nvidia-smi mig -lgip` (H100 80GB HBM3, 132 SMs;
-# A100-SXM4-80GB); the H200 1g.18gb slice shows 16.00 GiB. Other H200 slices' memory was not confirmed.
-GPUS: dict[str, Gpu] = {
-    gpu.name: gpu
-    for gpu in (
-        Gpu("H200", 143771, HOPPER),
-        Gpu("H100-80GB", 81559, HOPPER),
-        Gpu("A100-80GB", 81920, AMPERE),
-        Gpu("A100-40GB", 40960, AMPERE),
-        Gpu("L40S", 46068, ADA),
-        Gpu("RTX-6000-Ada", 49140, ADA),
-        _mig("H200", "1g.18gb", 16.00, HOPPER),
-        _mig("H100-80GB", "1g.10gb", 9.75, HOPPER),
-        _mig("H100-80GB", "1g.20gb", 19.62, HOPPER),
-        _mig("H100-80GB", "2g.20gb", 19.62, HOPPER),
-        _mig("H100-80GB", "3g.40gb", 39.50, HOPPER),
-        _mig("H100-80GB", "4g.40gb", 39.50, HOPPER),
-        _mig("H100-80GB", "7g.80gb", 79.25, HOPPER),
-        _mig("A100-80GB", "1g.10gb", 9.50, AMPERE),
-        _mig("A100-80GB", "1g.20gb", 19.50, AMPERE),
-        _mig("A100-80GB", "2g.20gb", 19.50, AMPERE),
-        _mig("A100-80GB", "3g.40gb", 39.25, AMPERE),
-        _mig("A100-80GB", "4g.40gb", 39.25, AMPERE),
-        _mig("A100-80GB", "7g.80gb", 79.00, AMPERE),
+# Whole cards: the "Total" MiB nvidia-smi lists.
+CARDS = (
+    Gpu("H200", 143771, HOPPER),
+    Gpu("H100-80GB", 81559, HOPPER),
+    Gpu("A100-80GB", 81920, AMPERE),
+    Gpu("A100-40GB", 40960, AMPERE),
+    Gpu("L40S", 46068, ADA),
+    Gpu("RTX-6000-Ada", 49140, ADA),
+)
+# MIG slices: the GiB `nvidia-smi mig -lgip` lists (H100 80GB HBM3 with 132 SMs, A100-SXM4-80GB); the
+# H200's 1g.18gb shows 16.00 GiB. Its other profiles' memory was not confirmed, so they are left out.
+MIG_GIB = {
+    "H100-80GB": {"1g.10gb": 9.75, "1g.20gb": 19.62, "2g.20gb": 19.62, "3g.40gb": 39.50,
+                  "4g.40gb": 39.50, "7g.80gb": 79.25},
+    "A100-80GB": {"1g.10gb": 9.50, "1g.20gb": 19.50, "2g.20gb": 19.50, "3g.40gb": 39.25,
+                  "4g.40gb": 39.25, "7g.80gb": 79.00},
+    "H200": {"1g.18gb": 16.00},
+}  # fmt: skip
+GPUS: dict[str, Gpu] = {card.name: card for card in CARDS} | {
+    f"{card.name}:{profile}": Gpu(
+        f"{card.name}:{profile}", int(gib * 1024), card.compute_capability
     )
+    for card in CARDS
+    for profile, gib in MIG_GIB.get(card.name, {}).items()
 }
 
 # Ray's accelerator_type of a node (its GPU name shortened, ray/_private/accelerators/nvidia_gpu.py) -> the
@@ -618,16 +613,7 @@ def suggest(model: ModelShape, gpu: Gpu, settings: EngineSettings) -> Fit:
 
 
 def check_variant(
-    model_path: str,
-    accelerator_type: str | None,
-    *,
-    max_model_len: int | None,
-    quantization: str | None = None,
-    kv_cache_dtype: str = "auto",
-    gpu_memory_utilization: float = VLLM_GPU_MEMORY_UTILIZATION,
-    tensor_parallel_size: int = 1,
-    max_num_seqs: int | None = None,
-    max_num_batched_tokens: int | None = None,
+    model_path: str, accelerator_type: str | None, settings: EngineSettings
 ) -> list[str]:
     """Why a variant's engine block cannot start, for the Serve config's validation.
 
@@ -640,18 +626,9 @@ def check_variant(
         return []
     try:
         model = load_model(model_path)
-        settings = EngineSettings(
-            max_model_len=max_model_len,
-            quantization=quantization,
-            kv_cache_dtype=kv_cache_dtype,
-            gpu_memory_utilization=gpu_memory_utilization,
-            tensor_parallel_size=tensor_parallel_size,
-            max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max_num_batched_tokens,
-        )
         card = RAY_ACCELERATOR_TYPES.get(accelerator_type or "")
         if card is None:
-            problem = context_problem(model, max_model_len or model.max_context)
+            problem = context_problem(model, settings.max_model_len or model.max_context)
             return [problem] if problem else []
         problems = fit(model, GPUS[card], settings).problems
         return [f"on {card} (accelerator_type {accelerator_type}): {p}" for p in problems]

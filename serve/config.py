@@ -13,7 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from amalia_serve.capacity import check_variant
+from amalia_serve.capacity import EngineSettings, check_variant
 from amalia_serve.constants import DEFAULT_SYSTEM_PROMPT
 
 VARIANT_NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
@@ -118,13 +118,11 @@ class VariantConfig(AmaliaModel):
         """Refuse an engine block vLLM could not start, where this process can tell: the checkpoint's
         config.json is readable (a local run; a cluster's head does not mount the models) and, for the
         memory fit, `ray_actor_options.accelerator_type` names the card (see `amalia-serve plan`)."""
-        problems = check_variant(
-            self.model_path,
-            self.deployment.ray_actor_options.get("accelerator_type"),
-            # The vLLM EngineConfig adds quantization, kv_cache_dtype, gpu_memory_utilization,
-            # tensor_parallel_size, max_num_seqs and max_num_batched_tokens: pass them here too.
-            max_model_len=self.engine.max_model_len,
-        )
+        # The vLLM EngineConfig adds quantization, kv_cache_dtype, gpu_memory_utilization,
+        # tensor_parallel_size, max_num_seqs and max_num_batched_tokens: pass them here too.
+        settings = EngineSettings(max_model_len=self.engine.max_model_len)
+        accelerator = self.deployment.ray_actor_options.get("accelerator_type")
+        problems = check_variant(self.model_path, accelerator, settings)
         if problems:
             raise ValueError(f"variant {self.name}: {'; '.join(problems)}")
         return self

@@ -371,7 +371,9 @@ def test_check_variant_reports_problems_when_checkpoint_readable_and_card_known(
     message: str | None,
 ) -> None:
     path = write_config(tmp_path, **overrides)
-    problems = check_variant(str(path), accelerator_type, max_model_len=max_model_len)
+    problems = check_variant(
+        str(path), accelerator_type, EngineSettings(max_model_len=max_model_len)
+    )
     if message is None:
         assert problems == []
     else:
@@ -379,7 +381,9 @@ def test_check_variant_reports_problems_when_checkpoint_readable_and_card_known(
 
 
 def test_check_variant_judges_nothing_when_checkpoint_is_not_readable(tmp_path: Path) -> None:
-    assert check_variant(str(tmp_path / "absent"), "L40S", max_model_len=10**6) == []
+    assert (
+        check_variant(str(tmp_path / "absent"), "L40S", EngineSettings(max_model_len=10**6)) == []
+    )
 
 
 def test_gpu_table_holds_the_cards_the_issue_names_when_listed() -> None:
