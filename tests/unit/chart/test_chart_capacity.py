@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import yaml
-from chart_helpers import run_helm, serve_config, template_args
+from chart_helpers import CI_VALUES, ROOT, run_helm, serve_config, template_args
 
 from amalia_serve.capacity import GPUS, PRESETS, EngineSettings, WeightFormat, fit
 from amalia_serve.capacity_report import chart_values, plan_fit
@@ -148,3 +148,10 @@ def test_chart_skips_the_fit_check_when_off_custom_unknown_card_or_group_cannot_
     )
     result = helm_with(helm, tmp_path, unchecked(kind))
     assert result.returncode == 0, result.stderr
+
+
+def test_capacity_doc_quotes_the_refusal_helm_prints_when_weights_exceed_a_slice(helm: str) -> None:
+    doc = (ROOT / "docs" / "capacity.md").read_text(encoding="utf-8")
+    quoted = doc.split("```text\nError: ", 1)[1].split("\n```", 1)[0].replace("\n", " ")
+    result = run_helm(helm, *template_args(CI_VALUES / "bad" / "capacity-weights-exceed-gpu.yaml"))
+    assert f"Error: {quoted}" in result.stderr, result.stderr
