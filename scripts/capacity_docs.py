@@ -1,4 +1,4 @@
-"""Fill the `amalia-serve plan` outputs that docs/capacity.md quotes, so its numbers come from the tool.
+"""Fill the `amalia-serve plan` outputs docs/capacity.md quotes, so its numbers come from the tool.
 
 Every block from a `<!-- plan: ARGS -->` line to the next `<!-- plan:end -->` line becomes a fenced
 block holding `$ amalia-serve plan ARGS` and what that prints. `make manifests` runs it.
@@ -25,7 +25,8 @@ def filled(text: str) -> str:
     def block(match: re.Match[str]) -> str:
         args = match["args"]
         output = plan_text(shlex.split(args))
-        return f"<!-- plan: {args} -->\n```text\n$ amalia-serve plan {args}\n{output}\n```\n<!-- plan:end -->"
+        fenced = f"```text\n$ amalia-serve plan {args}\n{output}\n```"
+        return f"<!-- plan: {args} -->\n{fenced}\n<!-- plan:end -->"
 
     return BLOCK.sub(block, text)
 

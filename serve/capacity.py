@@ -1,14 +1,15 @@
-"""Capacity arithmetic for serving a dense decoder such as AMALIA-9B on vLLM: memory per choice, what fits.
+"""Capacity arithmetic for serving a dense decoder (AMALIA-9B) on vLLM: memory, and what fits.
 
 `amalia-serve plan`, the Serve config check and the chart's generated tables
-(charts/amalia/files/capacity.yaml) all read their numbers from here. It reads a config.json at most and
-imports neither Ray, torch nor vLLM.
+(charts/amalia/files/capacity.yaml) all read their numbers from here. It reads a config.json at
+most and imports neither Ray, torch nor vLLM.
 
 Memory model of one vLLM 0.32 engine on one GPU (`Worker.determine_available_memory` in
-vllm/v1/worker/gpu_worker.py): KV cache = total x gpu_memory_utilization - weights - peak activations of a
-profiling forward pass and sampler run - memory outside torch (workspaces, NCCL) - CUDA graphs. Weights
-and KV bytes per token follow from config.json exactly; the other three are the estimate `reserve_bytes`
-states, which the GPU run compares with vLLM's "Available KV cache memory" log line.
+vllm/v1/worker/gpu_worker.py): KV cache = total x gpu_memory_utilization - weights - peak
+activations of a profiling forward pass and sampler run - memory outside torch (workspaces, NCCL)
+- CUDA graphs. Weights and KV bytes per token follow from config.json exactly; the other three
+terms are estimated together as the reserve (`Fit.reserve_bytes`), to be compared with vLLM's
+"Available KV cache memory" log line on a GPU.
 """
 
 from __future__ import annotations
@@ -26,9 +27,9 @@ MIB = 1 << 20
 WeightFormat = Literal["bf16", "fp8", "int8", "int4"]
 WEIGHT_FORMATS: tuple[WeightFormat, ...] = get_args(WeightFormat)
 
-# vLLM 0.32 defaults: CacheConfig.gpu_memory_utilization and block size; SchedulerConfig's max_num_seqs and
-# max_num_batched_tokens, which AsyncLLM.from_engine_args (usage context ENGINE_CONTEXT) keeps when the
-# engine block sets none.
+# vLLM 0.32 defaults: CacheConfig.gpu_memory_utilization and block size; SchedulerConfig's
+# max_num_seqs and max_num_batched_tokens, which AsyncLLM.from_engine_args (usage context
+# ENGINE_CONTEXT) keeps when the engine block sets none.
 VLLM_GPU_MEMORY_UTILIZATION = 0.92
 VLLM_BLOCK_SIZE = 16
 VLLM_MAX_NUM_SEQS = 128
@@ -36,25 +37,27 @@ VLLM_MAX_NUM_BATCHED_TOKENS = 2048
 # The largest max_num_seqs vLLM picks by itself (get_batch_defaults for H100/H200-class cards).
 MAX_SUGGESTED_SEQS = 1024
 
-# Estimated memory vLLM keeps out of the KV cache besides weights and activations: CUDA's view of a whole
-# card is about 0.5 GiB below nvidia-smi's (H100 80GB: 79.65 GiB listed, 79.11-79.33 GiB in PyTorch's
-# out-of-memory messages), plus about 0.5 GiB of non-torch workspaces and 0.5 GiB of CUDA graph pools.
-# Applied to MIG slices too, though their `nvidia-smi mig -lgip` size is already close to CUDA's view.
+# Estimated memory vLLM keeps out of the KV cache besides weights and activations: CUDA's view of a
+# whole card is about 0.5 GiB below nvidia-smi's (H100 80GB: 79.65 GiB listed, 79.11-79.33 GiB in
+# PyTorch's out-of-memory messages), plus about 0.5 GiB of non-torch workspaces and 0.5 GiB of CUDA
+# graph pools. Applied to MIG slices too, though their `nvidia-smi mig -lgip` size is already close
+# to CUDA's view.
 RESERVE_FIXED_BYTES = 3 * GIB // 2
 # Peak activations of the profiling forward pass, per batched token: the MLP's gate_up output (2 x
-# intermediate) and its activated half (intermediate) alive together, plus about four hidden-sized buffers
-# (residual, normed input, attention input and output), all 16-bit.
+# intermediate) and its activated half (intermediate) alive together, plus about four hidden-sized
+# buffers (residual, normed input, attention input and output), all 16-bit.
 ACTIVATION_INTERMEDIATE_BUFFERS = 3
 ACTIVATION_HIDDEN_BUFFERS = 4
 # Peak of the profiling sampler run, per logit (max_num_seqs x vocab): fp32 logits plus about three
 # vocabulary-sized fp32 working copies in top-k/top-p sampling.
 SAMPLER_BYTES_PER_LOGIT = 16
 
-# Weight formats vLLM keeps in memory. 8-bit: one byte per weight plus an fp32 scale per output channel
-# (the compressed-tensors W8A8 layout; vLLM's online fp8_per_tensor keeps one per matrix, a few MiB less).
-# int4: the W4A16 layout of GPTQ and compressed-tensors, half a byte per weight plus a 16-bit scale per
-# group of input channels. Embeddings, lm_head, norms and biases stay 16-bit in every format: vLLM
-# quantizes only the linear layers of the decoder blocks.
+# Weight formats vLLM keeps in memory. 8-bit: one byte per weight plus an fp32 scale per output
+# channel (the compressed-tensors W8A8 layout; vLLM's online fp8_per_tensor keeps one per matrix, a
+# few MiB less). int4: the W4A16 layout of GPTQ and compressed-tensors, half a byte per weight plus
+# a 16-bit scale per group of input channels (AWQ's 4-bit zero points add half a byte per group: 30
+# MiB for AMALIA). Embeddings, lm_head, norms and biases stay 16-bit in every format: vLLM quantizes
+# only the linear layers of the decoder blocks.
 SCALE_BYTES_8BIT = 4
 SCALE_BYTES_INT4 = 2
 DEFAULT_INT4_GROUP_SIZE = 128
@@ -69,8 +72,8 @@ KV_CACHE_DTYPE_BYTES = {
     "fp8_e5m2": 1,
 }
 
-# vLLM `quantization` values that quantize a 16-bit checkpoint while loading it (vLLM 0.32 moved online
-# fp8 from `fp8`, now for fp8 checkpoints only, to these names).
+# vLLM `quantization` values that quantize a 16-bit checkpoint while loading it (vLLM 0.32 moved
+# online fp8 from `fp8`, now for fp8 checkpoints only, to these names).
 ONLINE_FP8_METHODS = frozenset({"fp8_per_tensor", "fp8_per_channel", "fp8_per_block"})
 SUGGESTED_ONLINE_FP8 = "fp8_per_tensor"
 # vLLM `quantization` values that name the format of an already quantized checkpoint; vLLM reads the
@@ -93,12 +96,13 @@ class CapacityError(ValueError):
     """A checkpoint, card or engine setting the planner cannot work with; the message says why."""
 
 
-# --- the model ------------------------------------------------------------------------------------------
+# --- the model
+# ------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class ModelShape:
-    """What memory depends on in a dense decoder's config.json, and the format its weights are stored in."""
+    """What memory depends on in a dense decoder's config.json, and how its weights are stored."""
 
     name: str
     architecture: str
@@ -151,7 +155,7 @@ class ModelShape:
             raise CapacityError(f"{name}: config.json lacks {exc.args[0]!r}") from None
 
     def linear_shapes(self) -> list[tuple[int, int]]:
-        """(input, output) features of the linear layers of one decoder block: q, k, v, o, gate, up, down."""
+        """(input, output) features of a decoder block's linears: q, k, v, o, gate, up, down."""
         h, i = self.hidden_size, self.intermediate_size
         q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         return [(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)]
@@ -200,7 +204,7 @@ class ModelShape:
     def kv_bytes_per_token(
         self, kv_cache_dtype: str = "auto", tensor_parallel_size: int = 1
     ) -> int:
-        """K and V of every layer for one token, on one GPU (KV heads split over tensor-parallel ranks)."""
+        """K and V of every layer for one token on one GPU (tensor parallelism splits KV heads)."""
         kv_heads = math.ceil(self.num_kv_heads / tensor_parallel_size)
         return 2 * self.num_layers * kv_heads * self.head_dim * kv_dtype_bytes(kv_cache_dtype)
 
@@ -214,7 +218,7 @@ class ModelShape:
         return self.vocab_size * SAMPLER_BYTES_PER_LOGIT
 
     def activation_bytes(self, max_num_batched_tokens: int, max_num_seqs: int) -> int:
-        """Estimated activation peak of vLLM's profiling run: its forward pass or its sampler run."""
+        """Estimated activation peak of vLLM's profiling run: its forward pass or its sampler."""
         return max(
             max_num_batched_tokens * self.activation_bytes_per_batched_token,
             max_num_seqs * self.sampler_bytes_per_sequence,
@@ -230,8 +234,8 @@ def kv_dtype_bytes(kv_cache_dtype: str) -> int:
 
 
 def _max_context(config: Mapping[str, Any]) -> int:
-    """The longest max_model_len vLLM accepts: max_position_embeddings, stretched by a rope_scaling factor
-    for the scaling types vLLM stretches (llama3-style scaling already states the extended length)."""
+    """The longest max_model_len vLLM accepts: max_position_embeddings, times the rope_scaling
+    factor for the types vLLM stretches (llama3 scaling already states the longer length)."""
     length = int(config["max_position_embeddings"])
     scaling = config.get("rope_scaling") or {}
     if scaling.get("rope_type", scaling.get("type")) in ("linear", "dynamic", "yarn"):
@@ -268,9 +272,9 @@ def _stored_format(quantization: Mapping[str, Any] | None, name: str) -> tuple[W
     return formats[(bits, kind)], group
 
 
-# AMALIA-9B as its model card and the EuroLLM-9B architecture it shares describe it. Assumed where no
-# AMALIA config.json was at hand: untied embeddings (EuroLLM-9B's "tied embeddings: no"; its published
-# 9.154B parameters need a separate lm_head) and bfloat16 weights.
+# AMALIA-9B as its model card and the EuroLLM-9B architecture it shares describe it. Assumed where
+# no AMALIA config.json was at hand: untied embeddings (EuroLLM-9B's "tied embeddings: no"; its
+# published 9.154B parameters need a separate lm_head) and bfloat16 weights.
 AMALIA_9B_CONFIG: dict[str, Any] = {
     "architectures": ["LlamaForCausalLM"],
     "num_hidden_layers": 42,
@@ -302,7 +306,7 @@ PRESETS: dict[str, ModelShape] = {
 
 
 def load_model(spec: str) -> ModelShape:
-    """A built-in checkpoint by name, or the config.json at a path (the file, or the checkpoint directory)."""
+    """A built-in checkpoint by name, or the config.json at a path (the file or its directory)."""
     if spec in PRESETS:
         return PRESETS[spec]
     path = Path(spec)
@@ -319,12 +323,13 @@ def load_model(spec: str) -> ModelShape:
     return ModelShape.from_config(config, name=str(path))
 
 
-# --- the cards ------------------------------------------------------------------------------------------
+# --- the cards
+# ------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Gpu:
-    """A card or MIG slice: memory as nvidia-smi lists it and the compute capability that decides kernels."""
+    """A card or MIG slice: memory as nvidia-smi lists it, compute capability for the kernels."""
 
     name: str
     memory_mib: int
@@ -344,12 +349,13 @@ class Gpu:
         return "unknown" if cc is None else f"{cc[0]}.{cc[1]}"
 
     def support(self, fmt: WeightFormat) -> str:
-        """How vLLM runs `fmt` here (its quantization hardware table). Every card in GPUS is Ampere or
-        newer, where bf16, int8 (W8A8) and int4 (W4A16, Marlin) run natively."""
+        """How vLLM runs `fmt` here (its quantization hardware table). Every card in GPUS is Ampere
+        or newer, where bf16, int8 (W8A8) and int4 (W4A16, Marlin) run natively."""
         if self.compute_capability is None:
             return "unknown"
         if fmt == "fp8" and self.compute_capability < (8, 9):
-            # FP8 tensor cores arrived with Ada and Hopper; Ampere dequantizes with FP8 Marlin (W8A16).
+            # FP8 tensor cores arrived with Ada and Hopper; Ampere dequantizes with FP8 Marlin
+            # (W8A16).
             return "weight-only"
         return "native"
 
@@ -364,8 +370,9 @@ CARDS = (
     Gpu("L40S", 46068, ADA),
     Gpu("RTX-6000-Ada", 49140, ADA),
 )
-# MIG slices: the GiB `nvidia-smi mig -lgip` lists (H100 80GB HBM3 with 132 SMs, A100-SXM4-80GB); the
-# H200's 1g.18gb shows 16.00 GiB. Its other profiles' memory was not confirmed, so they are left out.
+# MIG slices: the GiB `nvidia-smi mig -lgip` lists (H100 80GB HBM3 with 132 SMs, A100-SXM4-80GB);
+# the H200's 1g.18gb shows 16.00 GiB. Its other profiles' memory was not confirmed, so they are left
+# out.
 MIG_GIB = {
     "H100-80GB": {"1g.10gb": 9.75, "1g.20gb": 19.62, "2g.20gb": 19.62, "3g.40gb": 39.50,
                   "4g.40gb": 39.50, "7g.80gb": 79.25},
@@ -381,9 +388,9 @@ GPUS: dict[str, Gpu] = {card.name: card for card in CARDS} | {
     for profile, gib in MIG_GIB.get(card.name, {}).items()
 }
 
-# Ray's accelerator_type of a node (its GPU name shortened, ray/_private/accelerators/nvidia_gpu.py) -> the
-# smallest card it can mean. Ray names a MIG slice after its parent card, and "RTX-6000" also matches the
-# 24 GB Quadro RTX 6000, so neither is mapped.
+# Ray's accelerator_type of a node (its GPU name shortened, ray/_private/accelerators/nvidia_gpu.py)
+# -> the smallest card it can mean. Ray names a MIG slice after its parent card, and "RTX-6000" also
+# matches the 24 GB Quadro RTX 6000, so neither is mapped.
 RAY_ACCELERATOR_TYPES = {
     "H200": "H200",
     "H100": "H100-80GB",
@@ -395,7 +402,7 @@ RAY_ACCELERATOR_TYPES = {
 
 
 def find_gpu(name: str) -> Gpu:
-    """A card or slice by its table name, case-insensitive; a bare MIG profile if only one card offers it."""
+    """A card or slice by table name, case-insensitive; a bare MIG profile if one card offers it."""
     wanted = name.strip().lower()
     matches = [
         gpu for key, gpu in GPUS.items() if wanted in (key.lower(), key.lower().partition(":")[2])
@@ -418,12 +425,13 @@ def gpu_of_size(gib: float) -> Gpu:
 
 
 def mig_profile(resource_name: str) -> str | None:
-    """`3g.40gb` for the Kubernetes resource `nvidia.com/mig-3g.40gb`; None for a whole-card resource."""
+    """`3g.40gb` for the Kubernetes resource `nvidia.com/mig-3g.40gb`; None for a whole card."""
     prefix = "nvidia.com/mig-"
     return resource_name[len(prefix) :] if resource_name.startswith(prefix) else None
 
 
-# --- fitting an engine block onto a card ----------------------------------------------------------------
+# --- fitting an engine block onto a card
+# ----------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -467,7 +475,7 @@ def weights_in_memory(model: ModelShape, quantization: str | None) -> WeightForm
 def engine_quantization(model: ModelShape, fmt: WeightFormat) -> str | None:
     """The engine `quantization` that serves `fmt`, or None when the checkpoint is already in `fmt`.
 
-    Raises when `fmt` needs a checkpoint quantized offline (int8, int4; fp8 from a non-16-bit checkpoint).
+    Raises when `fmt` needs a checkpoint quantized offline (int8, int4; fp8 from a quantized one).
     """
     if fmt == model.checkpoint_format:
         return None
@@ -520,14 +528,15 @@ class Fit:
         return not self.problems
 
     def replicas_for(self, users: int) -> int:
-        """Replicas (each tensor_parallel_size GPUs) that serve `users` full-context conversations at once."""
+        """Replicas (of tensor_parallel_size GPUs) for `users` full-context conversations."""
         return math.ceil(users / self.concurrency) if self.concurrency else 0
 
 
 def context_problem(model: ModelShape, max_model_len: int) -> str | None:
     if max_model_len <= model.max_context:
         return None
-    return f"max_model_len {max_model_len} is beyond the checkpoint's {model.max_context} ({model.name})"
+    limit = model.max_context
+    return f"max_model_len {max_model_len} is beyond the checkpoint's {limit} ({model.name})"
 
 
 def fit(model: ModelShape, gpu: Gpu, settings: EngineSettings) -> Fit:
@@ -586,22 +595,22 @@ def fit(model: ModelShape, gpu: Gpu, settings: EngineSettings) -> Fit:
 
 
 def suggested_batched_tokens(gpu: Gpu) -> int:
-    """vLLM's own rule for its OpenAI server (EngineArgs.get_batch_defaults): 8192 prefill tokens per step on
-    cards of 70 GiB or more except A100s, 2048 elsewhere."""
+    """vLLM's own rule for its OpenAI server (EngineArgs.get_batch_defaults): 8192 prefill tokens
+    per step on cards of 70 GiB or more except A100s, 2048 elsewhere."""
     return 8192 if gpu.memory_gib >= 70 and "A100" not in gpu.name else 2048
 
 
 def suggest(model: ModelShape, gpu: Gpu, settings: EngineSettings) -> Fit:
-    """The engine block for `settings` with max_num_seqs (unless given) set to the full-context sequences
-    the KV cache holds, and max_num_batched_tokens (unless given) by vLLM's rule for the card."""
+    """The engine block for `settings` with max_num_seqs (unless given) set to the full-context
+    sequences the KV cache holds, and max_num_batched_tokens (unless given) by vLLM's rule."""
     settings = replace(
         settings,
         max_num_batched_tokens=settings.max_num_batched_tokens or suggested_batched_tokens(gpu),
     )
     if settings.max_num_seqs is not None:
         return fit(model, gpu, settings)
-    # The sampler's reserve grows with max_num_seqs and shrinks the KV cache, so the sequences that fit
-    # fall as max_num_seqs rises: find the largest max_num_seqs that the KV cache still holds.
+    # The sampler's reserve grows with max_num_seqs and shrinks the KV cache, so the sequences that
+    # fit fall as max_num_seqs rises: find the largest max_num_seqs that the KV cache still holds.
     low, high = 1, MAX_SUGGESTED_SEQS
     while low < high:
         mid = (low + high + 1) // 2
@@ -617,10 +626,10 @@ def check_variant(
 ) -> list[str]:
     """Why a variant's engine block cannot start, for the Serve config's validation.
 
-    Judged only when its checkpoint's config.json is readable where the config is parsed (a local run, not
-    the Ray head of a cluster, which does not mount the models) and describes a model the planner covers;
-    the card comes from Ray's accelerator_type, where Ray places the replica. Without a card only
-    max_model_len is checked against the checkpoint.
+    Judged only when its checkpoint's config.json is readable where the config is parsed (a local
+    run, not the Ray head of a cluster, which does not mount the models) and describes a model the
+    planner covers; the card comes from Ray's accelerator_type, where Ray places the replica.
+    Without a card only max_model_len is checked against the checkpoint.
     """
     if not (Path(model_path) / "config.json").is_file():
         return []
@@ -642,4 +651,5 @@ def gib(n: float) -> str:
 
 
 def _budget_words(gpu: Gpu, settings: EngineSettings) -> str:
-    return f"gpu_memory_utilization {settings.gpu_memory_utilization:g} x {gib(gpu.memory_bytes)} GiB {gpu.name}"
+    utilization = settings.gpu_memory_utilization
+    return f"gpu_memory_utilization {utilization:g} x {gib(gpu.memory_bytes)} GiB {gpu.name}"

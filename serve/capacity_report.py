@@ -46,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config",
         default=preset_name("bf16"),
-        help=f"checkpoint directory, its config.json, or a built-in checkpoint ({', '.join(PRESETS)})",
+        help=f"checkpoint directory, its config.json, or a built-in one ({', '.join(PRESETS)})",
     )
     card = parser.add_mutually_exclusive_group()
     card.add_argument(
@@ -75,7 +75,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """The `plan` subcommand: print the report; a bad input is one line on stderr and exit status 1."""
+    """The `plan` subcommand: print the report; a bad input is one line on stderr, status 1."""
     try:
         report = build_report(args)
     except CapacityError as exc:
@@ -91,7 +91,8 @@ def plan_text(argv: list[str]) -> str:
     return render_text(build_report(parser.parse_args(argv)))
 
 
-# --- the report as data (what --json prints) ------------------------------------------------------------
+# --- the report as data (what --json prints)
+# ------------------------------------------------------------
 
 
 def build_report(args: argparse.Namespace) -> dict[str, Any]:
@@ -181,7 +182,7 @@ def gpu_facts(gpu: Gpu) -> dict[str, Any]:
 
 
 def how_to_serve(model: ModelShape, fmt: WeightFormat) -> str:
-    """How an engine gets `fmt` weights from this checkpoint: its `quantization`, or a checkpoint to make."""
+    """How an engine gets `fmt` weights from this checkpoint: `quantization` or a new one."""
     try:
         method = engine_quantization(model, fmt)
     except CapacityError:
@@ -190,7 +191,7 @@ def how_to_serve(model: ModelShape, fmt: WeightFormat) -> str:
 
 
 def plan_fit(model: ModelShape, gpu: Gpu, fmt: WeightFormat, settings: EngineSettings) -> Fit:
-    """`suggest` for `fmt` weights: quantized while loading where vLLM can, else from an offline checkpoint."""
+    """`suggest` for `fmt` weights: quantized while loading where vLLM can, else made offline."""
     try:
         method = engine_quantization(model, fmt)
     except CapacityError:
@@ -241,8 +242,8 @@ def engine_block(result: Fit) -> dict[str, Any]:
 def chart_values(model: ModelShape, result: Fit, replicas: int | None) -> dict[str, Any]:
     """A variant and a worker group of charts/amalia values that serve this fit."""
     variant: dict[str, Any] = {**CHART_VARIANT}
-    # The install-time check knows built-in checkpoints by name (charts/amalia/files/capacity.yaml) and
-    # skips a `custom` one, which only the Serve config can check (it reads config.json).
+    # The install-time check knows built-in checkpoints by name (charts/amalia/files/capacity.yaml)
+    # and skips a `custom` one, which only the Serve config can check (it reads config.json).
     builtin = model.name in PRESETS
     variant["checkpoint"] = preset_name(result.model.checkpoint_format) if builtin else "custom"
     variant["gpus"] = result.tensor_parallel_size
@@ -259,7 +260,8 @@ def chart_values(model: ModelShape, result: Fit, replicas: int | None) -> dict[s
     return {"variants": [variant], "workerGroups": [group]}
 
 
-# --- the report as text ---------------------------------------------------------------------------------
+# --- the report as text
+# ---------------------------------------------------------------------------------
 
 
 def render_text(report: dict[str, Any]) -> str:
@@ -268,7 +270,8 @@ def render_text(report: dict[str, Any]) -> str:
         return "\n".join(lines + cards_table(report["cards"], report["settings"]))
     g = report["gpu"]
     lines.append(
-        f"Card {g['name']}: {gib(g['memory_bytes'])} GiB, compute capability {g['compute_capability']}"
+        f"Card {g['name']}: {gib(g['memory_bytes'])} GiB, "
+        f"compute capability {g['compute_capability']}"
     )
     rows = [
         [c["weights"], c["how"], c["support"], c["sequences_kv_auto"], c["sequences_kv_fp8"]]
@@ -281,17 +284,20 @@ def render_text(report: dict[str, Any]) -> str:
 def model_lines(m: dict[str, Any]) -> list[str]:
     shape = (
         f"{m['layers']} layers, hidden {m['hidden_size']}, intermediate {m['intermediate_size']}, "
-        f"{m['attention_heads']} heads / {m['kv_heads']} KV heads x {m['head_dim']}, vocab {m['vocab_size']}"
+        f"{m['attention_heads']} heads / {m['kv_heads']} KV heads x {m['head_dim']}, "
+        f"vocab {m['vocab_size']}"
     )
     params = (
-        f"decoder linear layers {m['params_decoder_linear']:,} + embeddings {m['params_embeddings']:,} "
+        f"decoder linear layers {m['params_decoder_linear']:,} "
+        f"+ embeddings {m['params_embeddings']:,} "
         f"+ lm_head {m['params_lm_head']:,} + norms and biases {m['params_other_16bit']:,}"
     )
     weights = ", ".join(f"{fmt} {gib(b)} GiB" for fmt, b in m["weight_bytes"].items())
     kv = ", ".join(f"{dtype} {b / 1024:.1f} KiB" for dtype, b in m["kv_bytes_per_token"].items())
     return [
         (
-            f"Checkpoint {m['name']}: {m['architecture']}, {shape}; max context {m['max_context']}, "
+            f"Checkpoint {m['name']}: {m['architecture']}, {shape}; "
+            f"max context {m['max_context']}, "
             f"stored {m['stored_as']}"
         ),
         f"Parameters {m['params']:,} = {params}",
@@ -310,22 +316,20 @@ def settings_line(s: dict[str, Any]) -> str:
 
 
 def plan_lines(plan: dict[str, Any], s: dict[str, Any]) -> list[str]:
-    reserve_why = (
-        f"estimated: activations of vLLM's profiling run + {gib(RESERVE_FIXED_BYTES)} GiB outside "
-        "torch and CUDA graphs"
-    )
+    reserve_why = f"estimated: profiling activations + {gib(RESERVE_FIXED_BYTES)} GiB fixed"
     kv_cache = gib(max(0, plan["kv_cache_bytes"]))
     lines = [
         (
             f"Plan: {s['weights']} weights, kv_cache_dtype {s['kv_cache_dtype']}, "
             f"max_model_len {s['max_model_len']}"
         ),
-        f"  vLLM may use  {gib(plan['budget_bytes']):>7} GiB  (gpu_memory_utilization x card memory)",
+        f"  vLLM may use  {gib(plan['budget_bytes']):>7} GiB  (gpu_memory_utilization x memory)",
         f"  weights       {gib(plan['weight_bytes']):>7} GiB",
         f"  reserve       {gib(plan['reserve_bytes']):>7} GiB  ({reserve_why})",
         f"  KV cache      {kv_cache:>7} GiB  = {plan['kv_tokens']:,} tokens",
         (
-            f"  full {s['max_model_len']}-token conversations at once: {plan['concurrency']} per replica "
+            f"  full {s['max_model_len']}-token conversations at once: "
+            f"{plan['concurrency']} per replica "
             f"(the KV cache holds {plan['max_sequences']})"
         ),
     ]
@@ -387,11 +391,12 @@ def table(header: list[str], rows: list[list[Any]]) -> list[str]:
     ]
 
 
-# --- charts/amalia/files/capacity.yaml ------------------------------------------------------------------
+# --- charts/amalia/files/capacity.yaml
+# ------------------------------------------------------------------
 
 
 def chart_capacity_yaml() -> str:
-    """The tables templates/_capacity.tpl checks variants with; `make manifests` writes them into the chart."""
+    """The tables templates/_capacity.tpl checks variants with (`make manifests` writes them)."""
     checkpoints = {}
     for name, model in PRESETS.items():
         formats = (
@@ -400,7 +405,8 @@ def chart_capacity_yaml() -> str:
         checkpoints[name] = {
             "maxModelLen": model.max_context,
             "storedAs": model.checkpoint_format,
-            # By weight format in memory: as stored, or fp8 quantized while loading a 16-bit checkpoint.
+            # By weight format in memory: as stored, or fp8 quantized while loading a 16-bit
+            # checkpoint.
             "weightBytes": {fmt: model.weight_bytes(fmt) for fmt in formats},
             "kvBytesPerToken": {kv: model.kv_bytes_per_token(kv) for kv in ("auto", "fp8")},
             # Tensor parallelism splits the KV heads: ceil(kvHeads / tensor_parallel_size) per GPU.
@@ -417,12 +423,13 @@ def chart_capacity_yaml() -> str:
         },
         "checkpoints": checkpoints,
         "gpus": {name: {"memoryMiB": gpu.memory_mib} for name, gpu in GPUS.items()},
-        # A MIG resource without the worker group's `gpu`: the smallest card slice of that profile name.
+        # A MIG resource without the worker group's `gpu`: the smallest card slice of that profile
+        # name.
         "migProfiles": smallest_slices(),
     }
     header = (
-        "# Generated by `make manifests` from amalia_serve.capacity (what `amalia-serve plan` computes).\n"
-        "# Do not edit. templates/_capacity.tpl refuses variants that cannot fit their GPUs with it.\n"
+        "# Generated by `make manifests` from amalia_serve.capacity (`amalia-serve plan`). Do not\n"
+        "# edit. templates/_capacity.tpl refuses variants that cannot fit their GPUs with it.\n"
     )
     body: str = yaml.safe_dump(data, sort_keys=True, width=100)
     return header + body

@@ -109,7 +109,8 @@ def test_chart_accepts_the_values_the_planner_suggests_when_pasted(
 def test_chart_sizes_a_mig_group_without_card_as_the_smallest_slice_of_its_profile(
     helm: str, tmp_path: Path
 ) -> None:
-    # At 0.61 of its memory an H100's 3g.40gb slice (39.50 GiB) holds one 32k sequence, an A100's (39.25) not.
+    # At 0.61 of its memory an H100's 3g.40gb slice (39.50 GiB) holds one 32k sequence, an A100's
+    # (39.25) not.
     settings = EngineSettings(gpu_memory_utilization=0.61)
     assert fit(PRESETS["amalia-9b"], GPUS["H100-80GB:3g.40gb"], settings).fits
     planned = fit(PRESETS["amalia-9b"], GPUS["A100-80GB:3g.40gb"], settings)

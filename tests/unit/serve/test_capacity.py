@@ -1,14 +1,14 @@
 """The capacity arithmetic against numbers derived by hand from AMALIA-9B's config.
 
-AMALIA-9B: 42 layers, hidden H = 4096, intermediate I = 12288, 32 heads and 8 KV heads of 128, vocab V = 128000,
-untied embeddings, 32768 positions. Per decoder block, linear weights (input x output):
-  q 4096x4096 = 16,777,216   k 4096x1024 = 4,194,304   v 4096x1024 = 4,194,304   o 4096x4096 = 16,777,216
-  gate, up, down 3 x 4096x12288 = 150,994,944                               -> 192,937,984 per block
-  output channels: 4096 + 1024 + 1024 + 4096 + 12288 + 12288 + 4096 = 38,912 per block
-All blocks: 42 x 192,937,984 = 8,103,395,328 linear weights; 42 x 38,912 = 1,634,304 output channels.
+AMALIA-9B: 42 layers, hidden H = 4096, intermediate I = 12288, 32 heads and 8 KV heads of 128,
+vocab V = 128000, untied embeddings, 32768 positions. Linear weights of a block (input x output):
+  q 4096x4096 = 16,777,216   k 4096x1024 = 4,194,304   v 4096x1024 = 4,194,304
+  o 4096x4096 = 16,777,216   gate, up, down 3 x 4096x12288 = 150,994,944   -> 192,937,984
+  output channels: 4096 + 1024 + 1024 + 4096 + 12288 + 12288 + 4096 = 38,912
+All blocks: 42 x 192,937,984 = 8,103,395,328 linear weights; 42 x 38,912 = 1,634,304 channels.
 16-bit rest: embeddings V x H = 524,288,000, lm_head the same, norms (2 x 42 + 1) x 4096 = 348,160
-  -> 1,048,924,160. Total 8,103,395,328 + 1,048,924,160 = 9,152,319,488 (EuroLLM-9B, same shape: 9.154B).
-KV cache per token: 2 (K, V) x 42 layers x 8 heads x 128 x 2 bytes = 172,032 bytes (168 KiB); fp8 86,016.
+  -> 1,048,924,160. Total 9,152,319,488 (EuroLLM-9B, the same shape, publishes 9.154B).
+KV per token: 2 (K, V) x 42 layers x 8 heads x 128 x 2 bytes = 172,032 bytes (168 KiB); fp8 86,016.
 """
 
 from __future__ import annotations
@@ -37,8 +37,9 @@ from amalia_serve.capacity import (
 
 AMALIA = PRESETS["amalia-9b"]
 RESERVE_FIXED = 1_610_612_736  # 1.5 GiB
-# vLLM's defaults (max_num_batched_tokens 2048, max_num_seqs 128): forward pass 2048 x 2 x (3 x 12288 +
-# 4 x 4096) = 218,103,808 bytes; sampler 128 x 128000 x 16 = 262,144,000 bytes; the larger one counts.
+# vLLM's defaults (max_num_batched_tokens 2048, max_num_seqs 128): forward pass 2048 x 2 x (3 x
+# 12288 + 4 x 4096) = 218,103,808 bytes; sampler 128 x 128000 x 16 = 262,144,000 bytes; the larger
+# one counts.
 RESERVE_AT_VLLM_DEFAULTS = RESERVE_FIXED + 262_144_000
 
 
@@ -66,10 +67,12 @@ def test_amalia_shape_matches_hand_count_when_read_from_builtin_config(
     [
         # 2 bytes x 9,152,319,488
         ("bf16", 18_304_638_976),
-        # 8,103,395,328 x 1 byte + 1,634,304 channels x 4-byte scale (6,537,216) + 1,048,924,160 x 2 bytes
+        # 8,103,395,328 x 1 byte + 1,634,304 channels x 4-byte scale (6,537,216) + 1,048,924,160 x 2
+        # bytes
         ("fp8", 10_207_780_864),
         ("int8", 10_207_780_864),
-        # 8,103,395,328 / 2 + (8,103,395,328 / 128 groups) x 2-byte scale (126,615,552) + 2,097,848,320
+        # 8,103,395,328 / 2 + (8,103,395,328 / 128 groups) x 2-byte scale (126,615,552) +
+        # 2,097,848,320
         ("int4", 6_276_161_536),
     ],
 )
@@ -101,25 +104,28 @@ def test_kv_bytes_per_token_refused_when_dtype_unknown() -> None:
         AMALIA.kv_bytes_per_token("int3")
 
 
-# Each row: card, engine settings, (memory vLLM may use, KV tokens, full-context sequences), derived by hand.
-# KV tokens = whole 16-token blocks of (budget - weights - reserve) // (16 x bytes per token).
+# Each row: card, engine settings, (memory vLLM may use, KV tokens, full-context sequences), derived
+# by hand. KV tokens = whole 16-token blocks of (budget - weights - reserve) // (16 x bytes per
+# token).
 FIT_CASES = [
-    # H100 80GB: 81559 MiB x 0.92 = 78,679,145,185; - 18,304,638,976 - 1,872,756,736 = 58,501,749,473;
-    # // 2,752,512 bytes per block = 21,253 blocks = 340,048 tokens; // 32768 = 10 sequences.
+    # H100 80GB: 81559 MiB x 0.92 = 78,679,145,185; - 18,304,638,976 - 1,872,756,736 =
+    # 58,501,749,473; // 2,752,512 bytes per block = 21,253 blocks = 340,048 tokens; // 32768 = 10
+    # sequences.
     ("H100-80GB", EngineSettings(), (78_679_145_185, 340_048, 10)),
-    # L40S at 8192: 46068 MiB x 0.92 = 44,441,335,234; - 18,304,638,976 - 1,872,756,736 = 24,263,939,522;
-    # // 2,752,512 = 8,815 blocks = 141,040 tokens; // 8192 = 17.
+    # L40S at 8192: 46068 MiB x 0.92 = 44,441,335,234; - 18,304,638,976 - 1,872,756,736 =
+    # 24,263,939,522; // 2,752,512 = 8,815 blocks = 141,040 tokens; // 8192 = 17.
     ("L40S", EngineSettings(max_model_len=8192), (44_441_335_234, 141_040, 17)),
-    # H100 MIG 3g.40gb (39.50 GiB = 40448 MiB), fp8 weights and KV: x 0.92 = 39,019,777,884;
-    # - 10,207,780,864 - 1,872,756,736 = 26,939,240,284; // (16 x 86,016) = 19,574 blocks = 313,184 tokens; // 32768 = 9.
+    # H100 MIG 3g.40gb (39.50 GiB = 40448 MiB), fp8 weights and KV: x 0.92 = 39,019,777,884; -
+    # 10,207,780,864 - 1,872,756,736 = 26,939,240,284; // (16 x 86,016) = 19,574 blocks = 313,184
+    # tokens; // 32768 = 9.
     (
         "H100-80GB:3g.40gb",
         EngineSettings(quantization="fp8_per_tensor", kv_cache_dtype="fp8"),
         (39_019_777_884, 313_184, 9),
     ),
-    # H200 at half its memory with tensor parallelism 2: 143771 MiB x 0.5 = 75,377,410,048; weights per GPU
-    # 18,304,638,976 / 2 = 9,152,319,488; - 1,872,756,736 = 64,352,333,824; // (16 x 86,016) = 46,758 blocks
-    # = 748,128 tokens; // 32768 = 22.
+    # H200 at half its memory with tensor parallelism 2: 143771 MiB x 0.5 = 75,377,410,048; weights
+    # per GPU 18,304,638,976 / 2 = 9,152,319,488; - 1,872,756,736 = 64,352,333,824; // (16 x 86,016)
+    # = 46,758 blocks = 748,128 tokens; // 32768 = 22.
     (
         "H200",
         EngineSettings(gpu_memory_utilization=0.5, tensor_parallel_size=2),
@@ -156,7 +162,8 @@ def test_int4_checkpoint_fits_h200_smallest_slice_when_kv_cache_is_fp8() -> None
         (AMALIA, "H200:1g.18gb", EngineSettings(),
          ("bf16 weights take 17.05 GiB per GPU, more than the 14.72 GiB vLLM may use "
          "(gpu_memory_utilization 0.92 x 16.00 GiB H200:1g.18gb)")),
-        # fp8 weights 9.51 GiB + reserve 1.74 GiB + 32768 x 172,032 bytes (5.25 GiB) = 16.50 GiB > 14.72 GiB
+        # fp8 weights 9.51 GiB + reserve 1.74 GiB + 32768 x 172,032 bytes (5.25 GiB) = 16.50 GiB >
+        # 14.72 GiB
         (AMALIA, "H200:1g.18gb", EngineSettings(quantization="fp8_per_tensor"),
          ("one 32768-token sequence does not fit: fp8 weights 9.51 GiB + reserve 1.74 GiB + its KV cache "
          "5.25 GiB = 16.50 GiB > 14.72 GiB")),
@@ -343,7 +350,8 @@ def test_gpu_by_memory_size_has_unknown_support_when_card_unnamed() -> None:
     assert (gpu.memory_mib, gpu.support("fp8")) == (24 * 1024, "unknown")
 
 
-# A Qwen2.5-32B-shaped dense decoder: about 32.8B parameters, 61 GiB in bf16 -- too big for a 40-48 GB card.
+# A Qwen2.5-32B-shaped dense decoder: about 32.8B parameters, 61 GiB in bf16 -- too big for a 40-48
+# GB card.
 BIG = {"hidden_size": 5120, "num_hidden_layers": 64, "intermediate_size": 27648, "num_attention_heads": 40,
        "vocab_size": 152064, "max_position_embeddings": 32768}  # fmt: skip
 
