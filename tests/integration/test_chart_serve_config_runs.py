@@ -25,6 +25,8 @@ from typing import Any, NamedTuple
 import pytest
 import yaml
 
+from amalia_serve.demo_model import DEMO_CONTEXT
+
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "amalia"
 HELM = ROOT / ".tools" / "bin" / "helm3"
@@ -65,6 +67,10 @@ def for_laptop(config: dict[str, Any], checkpoints: dict[str, str], port: int) -
         assert app["import_path"] == "amalia_serve.app:build_variant_app"
         app["args"]["model_path"] = checkpoints[app["args"]["name"]]
         app["args"]["deployment"]["ray_actor_options"] = {"num_cpus": 0.5}
+        # The demo checkpoint's context is shorter than AMALIA's, and a max_model_len beyond a
+        # checkpoint's is refused (by the Serve config when it can read config.json, and by vLLM).
+        engine = app["args"].setdefault("engine", {})
+        engine["max_model_len"] = min(engine.get("max_model_len", DEMO_CONTEXT), DEMO_CONTEXT)
     return local
 
 
