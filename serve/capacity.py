@@ -72,8 +72,9 @@ KV_CACHE_DTYPE_BYTES = {
     "fp8_e5m2": 1,
 }
 
-# vLLM `quantization` values that quantize a 16-bit checkpoint while loading it (vLLM 0.32 moved
-# online fp8 from `fp8`, now for fp8 checkpoints only, to these names).
+# vLLM `quantization` values that quantize a 16-bit checkpoint to fp8 while loading it. vLLM 0.32
+# still takes `fp8` there too, but warns that it is deprecated for this and uses fp8_per_tensor
+# (get_quant_config in vllm/model_executor/model_loader/weight_utils.py).
 ONLINE_FP8_METHODS = frozenset({"fp8_per_tensor", "fp8_per_channel", "fp8_per_block"})
 SUGGESTED_ONLINE_FP8 = "fp8_per_tensor"
 # vLLM `quantization` values that name the format of an already quantized checkpoint; vLLM reads the
@@ -451,7 +452,10 @@ def weights_in_memory(model: ModelShape, quantization: str | None) -> WeightForm
     """The format vLLM keeps the weights in, for an engine's `quantization` over this checkpoint."""
     if quantization is None:
         return model.checkpoint_format
-    if quantization in ONLINE_FP8_METHODS:
+    if quantization in ONLINE_FP8_METHODS or (quantization, model.checkpoint_format) == (
+        "fp8",
+        "bf16",
+    ):
         if model.checkpoint_format != "bf16":
             raise CapacityError(
                 f"quantization {quantization} quantizes a 16-bit checkpoint while loading it; "
@@ -462,8 +466,7 @@ def weights_in_memory(model: ModelShape, quantization: str | None) -> WeightForm
         if model.checkpoint_format == "bf16":
             raise CapacityError(
                 f"quantization {quantization} reads an already quantized checkpoint; "
-                f"{model.name} has no quantization_config (online fp8 is "
-                f"{SUGGESTED_ONLINE_FP8})"
+                f"{model.name} has no quantization_config"
             )
         return model.checkpoint_format
     raise CapacityError(

@@ -19,10 +19,11 @@ hold the variant.
 {{- if gt $maxLen (int64 $ckpt.maxModelLen) }}
 {{- fail (printf "variant %s: max_model_len %d is beyond the checkpoint's %d (%s); set `checkpoint` to the variant's built-in checkpoint, or `custom` to skip this check" $v.name $maxLen (int64 $ckpt.maxModelLen) $checkpoint) }}
 {{- end }}
-{{- /* Weights as stored, or fp8 when a 16-bit checkpoint is quantized while loading. */}}
+{{- /* Weights as stored, or fp8 when a 16-bit checkpoint is quantized while loading (vLLM 0.32
+takes the deprecated `fp8` for that too). */}}
 {{- $format := $ckpt.storedAs }}
 {{- $quantization := toString (default "" $engine.quantization) }}
-{{- if has $quantization (list "fp8_per_tensor" "fp8_per_channel" "fp8_per_block") }}
+{{- if or (has $quantization (list "fp8_per_tensor" "fp8_per_channel" "fp8_per_block")) (and (eq $quantization "fp8") (eq $ckpt.storedAs "bf16")) }}
 {{- $format = "fp8" }}
 {{- end }}
 {{- if not (hasKey $ckpt.weightBytes $format) }}

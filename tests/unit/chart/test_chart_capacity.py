@@ -1,9 +1,10 @@
 """The chart refuses what `amalia-serve plan` says cannot start, with the planner's own numbers.
 
 templates/_capacity.tpl repeats the planner's arithmetic over files/capacity.yaml (generated from
-amalia_serve.capacity; test_chart_generated proves it is current), so the two are compared case by case.
-Engine keys the chart schema does not list yet (vLLM's kv_cache_dtype, quantization, ... come with the
-vLLM EngineConfig) are rendered with --skip-schema-validation: these tests are about the template.
+amalia_serve.capacity; test_chart_generated proves it current), so the two are compared case by
+case. Engine keys the chart schema does not list yet (vLLM's kv_cache_dtype, quantization, ... come
+with the vLLM EngineConfig) are rendered with --skip-schema-validation: these tests are about the
+template.
 """
 
 from __future__ import annotations
@@ -22,49 +23,34 @@ SKIP_SCHEMA = ("--skip-schema-validation",)
 
 # (card, checkpoint, engine block): fits and refusals of each kind, on whole cards and MIG slices.
 CASES: list[tuple[str, str, dict[str, Any]]] = [
-    ("H100-80GB:1g.10gb", "amalia-9b", {}),  # bf16 weights overflow
-    (
-        "H100-80GB:1g.10gb",
-        "amalia-9b",
-        {"quantization": "fp8_per_tensor"},
-    ),  # fp8 weights overflow too
-    (
-        "H100-80GB:1g.10gb",
-        "amalia-9b-int4",
-        {"kv_cache_dtype": "fp8", "max_model_len": 8192},
-    ),  # fits
-    (
-        "H200:1g.18gb",
-        "amalia-9b",
-        {"quantization": "fp8_per_tensor"},
-    ),  # one 32k sequence does not fit
-    (
-        "H200:1g.18gb",
-        "amalia-9b",
-        {"quantization": "fp8_per_tensor", "kv_cache_dtype": "fp8"},
-    ),  # fits
-    ("H100-80GB:1g.20gb", "amalia-9b", {}),  # weights fit, one 32k sequence does not
-    ("H100-80GB:1g.20gb", "amalia-9b", {"tensor_parallel_size": 2}),  # split over two slices: fits
-    ("L40S", "amalia-9b", {"gpu_memory_utilization": 0.4}),  # a small budget
-    (
-        "L40S",
-        "amalia-9b",
-        {"max_num_seqs": 1024, "max_num_batched_tokens": 16384},
-    ),  # bigger reserve
+    # Weights overflow the slice, in bf16 and in fp8; int4 with an fp8 KV cache at 8k fits.
+    ("H100-80GB:1g.10gb", "amalia-9b", {}),
+    ("H100-80GB:1g.10gb", "amalia-9b", {"quantization": "fp8_per_tensor"}),
+    ("H100-80GB:1g.10gb", "amalia-9b-int4", {"kv_cache_dtype": "fp8", "max_model_len": 8192}),
+    # fp8 weights fit, one 32k sequence of 16-bit KV does not; of fp8 KV it does (either spelling).
+    ("H200:1g.18gb", "amalia-9b", {"quantization": "fp8_per_tensor"}),
+    ("H200:1g.18gb", "amalia-9b", {"quantization": "fp8_per_tensor", "kv_cache_dtype": "fp8"}),
+    ("H200:1g.18gb", "amalia-9b", {"quantization": "fp8", "kv_cache_dtype": "fp8"}),
+    # Weights fit, one 32k sequence does not; split over two slices it does.
+    ("H100-80GB:1g.20gb", "amalia-9b", {}),
+    ("H100-80GB:1g.20gb", "amalia-9b", {"tensor_parallel_size": 2}),
+    # A small budget; a bigger reserve; an offline int8 checkpoint; the largest card.
+    ("L40S", "amalia-9b", {"gpu_memory_utilization": 0.4}),
+    ("L40S", "amalia-9b", {"max_num_seqs": 1024, "max_num_batched_tokens": 16384}),
     ("A100-80GB:3g.40gb", "amalia-9b-int8", {}),
     ("H200", "amalia-9b", {}),
-]
+]  # fmt: skip
 
 
 def values_for(card: str, checkpoint: str, engine: dict[str, Any]) -> dict[str, Any]:
     name, _, profile = card.partition(":")
     gpus = int(engine.get("tensor_parallel_size", 1))
-    return {
-        "variants": [{"name": "amalia-sft", "modelPath": "/models/x", "gpus": gpus, "replicas": 1,
-                      "checkpoint": checkpoint, "engine": engine}],
-        "workerGroups": [{"name": "gpu", "minReplicas": 1, "maxReplicas": 1, "gpusPerWorker": gpus, "gpu": name,
-                          "gpuResourceName": f"nvidia.com/mig-{profile}" if profile else "nvidia.com/gpu"}],
-    }  # fmt: skip
+    resource = f"nvidia.com/mig-{profile}" if profile else "nvidia.com/gpu"
+    variant = {"name": "amalia-sft", "modelPath": "/models/x", "gpus": gpus, "replicas": 1,
+               "checkpoint": checkpoint, "engine": engine}  # fmt: skip
+    group = {"name": "gpu", "minReplicas": 1, "maxReplicas": 1, "gpusPerWorker": gpus, "gpu": name,
+             "gpuResourceName": resource}  # fmt: skip
+    return {"variants": [variant], "workerGroups": [group]}
 
 
 def helm_with(helm: str, tmp_path: Path, values: dict[str, Any]) -> Any:
@@ -123,7 +109,7 @@ def test_chart_sizes_a_mig_group_without_card_as_the_smallest_slice_of_its_profi
 
 
 def unchecked(kind: str) -> dict[str, Any]:
-    """Values the check would refuse (bf16 weights on a 9.75 GiB slice), made unchecked by `kind`."""
+    """Values the check refuses (bf16 weights on a 9.75 GiB slice), made unchecked by `kind`."""
     values = values_for("H100-80GB:1g.10gb", "amalia-9b", {})
     variant, group = values["variants"][0], values["workerGroups"][0]
     if kind == "check-off":

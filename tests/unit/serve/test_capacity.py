@@ -273,6 +273,8 @@ def test_load_model_refuses_path_without_config_when_not_a_builtin_name(tmp_path
         ("amalia-9b", None, "bf16"),
         ("amalia-9b", "fp8_per_tensor", "fp8"),
         ("amalia-9b", "fp8_per_channel", "fp8"),
+        ("amalia-9b", "fp8", "fp8"),  # vLLM 0.32: deprecated spelling of fp8_per_tensor here
+        ("amalia-9b-fp8", "fp8", "fp8"),
         ("amalia-9b-int4", None, "int4"),
         ("amalia-9b-int4", "gptq_marlin", "int4"),
         ("amalia-9b-int8", "compressed-tensors", "int8"),
