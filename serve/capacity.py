@@ -27,10 +27,12 @@ MIB = 1 << 20
 WeightFormat = Literal["bf16", "fp8", "int8", "int4"]
 WEIGHT_FORMATS: tuple[WeightFormat, ...] = get_args(WeightFormat)
 
-# vLLM 0.32 defaults: CacheConfig.gpu_memory_utilization and block size; SchedulerConfig's
-# max_num_seqs and max_num_batched_tokens, which AsyncLLM.from_engine_args (usage context
-# ENGINE_CONTEXT) keeps when the engine block sets none.
-VLLM_GPU_MEMORY_UTILIZATION = 0.92
+# gpu_memory_utilization a variant's engine runs with when its block sets none: amalia-serve's
+# EngineConfig default with the vLLM engine (0.9; vLLM 0.32's own default is 0.92).
+DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
+# vLLM 0.32 defaults: CacheConfig's block size; SchedulerConfig's max_num_seqs and
+# max_num_batched_tokens, which AsyncLLM.from_engine_args (usage context ENGINE_CONTEXT) keeps when
+# the engine block sets none.
 VLLM_BLOCK_SIZE = 16
 VLLM_MAX_NUM_SEQS = 128
 VLLM_MAX_NUM_BATCHED_TOKENS = 2048
@@ -442,7 +444,7 @@ class EngineSettings:
     max_model_len: int | None = None
     quantization: str | None = None
     kv_cache_dtype: str = "auto"
-    gpu_memory_utilization: float = VLLM_GPU_MEMORY_UTILIZATION
+    gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION
     tensor_parallel_size: int = 1
     max_num_seqs: int | None = None
     max_num_batched_tokens: int | None = None

@@ -14,11 +14,11 @@ from typing import Any
 import yaml
 
 from amalia_serve.capacity import (
+    DEFAULT_GPU_MEMORY_UTILIZATION,
     GPUS,
     KV_CACHE_DTYPE_BYTES,
     PRESETS,
     RESERVE_FIXED_BYTES,
-    VLLM_GPU_MEMORY_UTILIZATION,
     VLLM_MAX_NUM_BATCHED_TOKENS,
     VLLM_MAX_NUM_SEQS,
     WEIGHT_FORMATS,
@@ -68,7 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="weights in GPU memory (default: as the checkpoint stores them)",
     )
     parser.add_argument("--kv-cache-dtype", default="auto", choices=sorted(KV_CACHE_DTYPE_BYTES))
-    parser.add_argument("--gpu-memory-utilization", type=float, default=VLLM_GPU_MEMORY_UTILIZATION)
+    parser.add_argument(
+        "--gpu-memory-utilization", type=float, default=DEFAULT_GPU_MEMORY_UTILIZATION
+    )
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
     parser.add_argument("--users", type=int, help="conversations at full context at the same time")
     parser.add_argument("--json", action="store_true", help="print JSON for scripts")
@@ -416,7 +418,7 @@ def chart_capacity_yaml() -> str:
         }
     data = {
         "defaults": {
-            "gpuMemoryUtilization": VLLM_GPU_MEMORY_UTILIZATION,
+            "gpuMemoryUtilization": DEFAULT_GPU_MEMORY_UTILIZATION,
             "maxNumSeqs": VLLM_MAX_NUM_SEQS,
             "maxNumBatchedTokens": VLLM_MAX_NUM_BATCHED_TOKENS,
             "reserveFixedBytes": RESERVE_FIXED_BYTES,

@@ -108,20 +108,19 @@ def test_kv_bytes_per_token_refused_when_dtype_unknown() -> None:
 # by hand. KV tokens = whole 16-token blocks of (budget - weights - reserve) // (16 x bytes per
 # token).
 FIT_CASES = [
-    # H100 80GB: 81559 MiB x 0.92 = 78,679,145,185; - 18,304,638,976 - 1,872,756,736 =
-    # 58,501,749,473; // 2,752,512 bytes per block = 21,253 blocks = 340,048 tokens; // 32768 = 10
-    # sequences.
-    ("H100-80GB", EngineSettings(), (78_679_145_185, 340_048, 10)),
-    # L40S at 8192: 46068 MiB x 0.92 = 44,441,335,234; - 18,304,638,976 - 1,872,756,736 =
-    # 24,263,939,522; // 2,752,512 = 8,815 blocks = 141,040 tokens; // 8192 = 17.
-    ("L40S", EngineSettings(max_model_len=8192), (44_441_335_234, 141_040, 17)),
-    # H100 MIG 3g.40gb (39.50 GiB = 40448 MiB), fp8 weights and KV: x 0.92 = 39,019,777,884; -
-    # 10,207,780,864 - 1,872,756,736 = 26,939,240,284; // (16 x 86,016) = 19,574 blocks = 313,184
-    # tokens; // 32768 = 9.
+    # H100 80GB: 81559 MiB x 0.9 = 76,968,728,985; - 18,304,638,976 - 1,872,756,736 =
+    # 56,791,333,273; // 2,752,512 bytes per block = 20,632 blocks = 330,112 tokens; // 32768 = 10.
+    ("H100-80GB", EngineSettings(), (76_968_728_985, 330_112, 10)),
+    # L40S at 8192: 46068 MiB x 0.9 = 43,475,219,251; - 18,304,638,976 - 1,872,756,736 =
+    # 23,297,823,539; // 2,752,512 = 8,464 blocks = 135,424 tokens; // 8192 = 16.
+    ("L40S", EngineSettings(max_model_len=8192), (43_475_219_251, 135_424, 16)),
+    # H100 MIG 3g.40gb (39.50 GiB = 40448 MiB), fp8 weights and KV: x 0.9 = 38,171,521,843;
+    # - 10,207,780,864 - 1,872,756,736 = 26,090,984,243; // (16 x 86,016) = 18,957 blocks
+    # = 303,312 tokens; // 32768 = 9.
     (
         "H100-80GB:3g.40gb",
         EngineSettings(quantization="fp8_per_tensor", kv_cache_dtype="fp8"),
-        (39_019_777_884, 313_184, 9),
+        (38_171_521_843, 303_312, 9),
     ),
     # H200 at half its memory with tensor parallelism 2: 143771 MiB x 0.5 = 75,377,410,048; weights
     # per GPU 18,304,638,976 / 2 = 9,152,319,488; - 1,872,756,736 = 64,352,333,824; // (16 x 86,016)
@@ -145,11 +144,11 @@ def test_fit_matches_hand_derivation_when_card_and_engine_vary(
 
 
 def test_int4_checkpoint_fits_h200_smallest_slice_when_kv_cache_is_fp8() -> None:
-    # 16384 MiB x 0.92 = 15,805,479,649; - 6,276,161,536 - 1,872,756,736 = 7,656,561,377;
-    # // (16 x 86,016) = 5,563 blocks = 89,008 tokens: two full 32768-token sequences.
+    # 16384 MiB x 0.9 = 15,461,882,265; - 6,276,161,536 - 1,872,756,736 = 7,312,963,993;
+    # // (16 x 86,016) = 5,313 blocks = 85,008 tokens: two full 32768-token sequences.
     int4, slice_ = PRESETS["amalia-9b-int4"], GPUS["H200:1g.18gb"]
     result = fit(int4, slice_, EngineSettings(kv_cache_dtype="fp8"))
-    assert (result.weights, result.kv_tokens, result.max_sequences) == ("int4", 89_008, 2)
+    assert (result.weights, result.kv_tokens, result.max_sequences) == ("int4", 85_008, 2)
     assert result.fits
 
 
@@ -158,15 +157,14 @@ def test_int4_checkpoint_fits_h200_smallest_slice_when_kv_cache_is_fp8() -> None
     [
         (AMALIA, "H100-80GB", EngineSettings(max_model_len=65536),
          "max_model_len 65536 is beyond the checkpoint's 32768 (amalia-9b)"),
-        # 18,304,638,976 bytes = 17.05 GiB; 16384 MiB x 0.92 = 14.72 GiB
+        # 18,304,638,976 bytes = 17.05 GiB; 16384 MiB x 0.9 = 14.40 GiB
         (AMALIA, "H200:1g.18gb", EngineSettings(),
-         ("bf16 weights take 17.05 GiB per GPU, more than the 14.72 GiB vLLM may use "
-         "(gpu_memory_utilization 0.92 x 16.00 GiB H200:1g.18gb)")),
-        # fp8 weights 9.51 GiB + reserve 1.74 GiB + 32768 x 172,032 bytes (5.25 GiB) = 16.50 GiB >
-        # 14.72 GiB
+         ("bf16 weights take 17.05 GiB per GPU, more than the 14.40 GiB vLLM may use "
+          "(gpu_memory_utilization 0.9 x 16.00 GiB H200:1g.18gb)")),
+        # fp8 weights 9.51 GiB + reserve 1.74 GiB + 32768 x 172,032 bytes (5.25 GiB) = 16.50 GiB
         (AMALIA, "H200:1g.18gb", EngineSettings(quantization="fp8_per_tensor"),
-         ("one 32768-token sequence does not fit: fp8 weights 9.51 GiB + reserve 1.74 GiB + its KV cache "
-         "5.25 GiB = 16.50 GiB > 14.72 GiB")),
+         ("one 32768-token sequence does not fit: fp8 weights 9.51 GiB + reserve 1.74 GiB + its KV "
+          "cache 5.25 GiB = 16.50 GiB > 14.40 GiB")),
         (AMALIA, "H100-80GB", EngineSettings(tensor_parallel_size=3),
          "tensor_parallel_size 3 does not divide 32 attention heads"),
     ],

@@ -53,7 +53,7 @@ def test_plan_json_reports_the_suggested_fit_when_card_and_users_given(
         "max_model_len": 32768,
         "max_num_seqs": expected.max_num_seqs,
         "max_num_batched_tokens": 8192,
-        "gpu_memory_utilization": 0.92,
+        "gpu_memory_utilization": 0.9,
         "quantization": "fp8_per_tensor",
         "kv_cache_dtype": "fp8",
     }
@@ -77,9 +77,10 @@ def test_plan_text_prints_plan_engine_block_and_chart_values_when_card_fits(
 ) -> None:
     out = plan(capsys, "--gpu", "L40S", "--context", "8192", "--users", "50")
     assert "Parameters 9,152,319,488" in out
-    assert "full 8192-token conversations at once: 17 per replica" in out
-    assert "for 50 users: 3 replicas = 3 GPUs" in out
-    assert "engine:\n  max_model_len: 8192\n  max_num_seqs: 17\n" in out
+    # 8,480 blocks of 16 tokens after weights and reserve (16 sequences' sampler) hold 16 x 8192.
+    assert "full 8192-token conversations at once: 16 per replica" in out
+    assert "for 50 users: 4 replicas = 4 GPUs" in out
+    assert "engine:\n  max_model_len: 8192\n  max_num_seqs: 16\n" in out
     assert "workerGroups:\n- name: gpu\n  gpu: L40S\n" in out
 
 
