@@ -12,6 +12,7 @@ from typing import Any
 
 from ray.serve.config import AutoscalingConfig
 
+from amalia_serve.capacity import GPUS, PRESETS
 from amalia_serve.config import VARIANT_NAME_PATTERN, EngineConfig
 
 Schema = dict[str, Any]
@@ -82,6 +83,11 @@ def autoscaling_schema() -> Schema:
     return obj(keys, desc="Ray Serve autoscaling_config of the variant's deployment.")
 
 
+def checkpoint_schema(desc: str) -> Schema:
+    """A built-in checkpoint of charts/amalia/files/capacity.yaml, or `custom` (not checked)."""
+    return {"enum": [*PRESETS, "custom"], "description": desc}
+
+
 def variant_schema() -> Schema:
     return {
         **obj(
@@ -99,6 +105,9 @@ def variant_schema() -> Schema:
                 "maxOngoingRequests": integer(1),
                 "maxQueuedRequests": integer(-1),
                 "engine": engine_schema(),
+                "checkpoint": checkpoint_schema(
+                    "What modelPath holds, for the install-time capacity check."
+                ),
             },
             required=("name", "modelPath", "gpus"),
         ),
@@ -116,6 +125,11 @@ def worker_group_schema() -> Schema:
             "maxReplicas": integer(1),
             "gpusPerWorker": integer(1, "GPUs of each worker pod (a positive integer)."),
             "gpuResourceName": string("e.g. nvidia.com/gpu or nvidia.com/mig-3g.40gb", minLength=1),
+            "gpu": {
+                # Whole cards: a MIG slice is this card plus the profile in gpuResourceName.
+                "enum": sorted({name.partition(":")[0] for name in GPUS}),
+                "description": "The card, for the install-time capacity check.",
+            },
             "resources": RESOURCES,
             "nodeSelector": STRING_MAP,
             "tolerations": K8S_LIST,
@@ -173,6 +187,14 @@ def values_schema() -> Schema:
                     required=("modelAlias",),
                 ),
                 "variants": {"type": "array", "minItems": 1, "items": variant_schema()},
+                "capacity": obj(
+                    {
+                        "enforce": {"type": "boolean"},
+                        "checkpoint": checkpoint_schema(
+                            "Checkpoint of variants that name none."
+                        ),
+                    }
+                ),
                 "rayCluster": obj(
                     {
                         "rayVersion": string(minLength=1),

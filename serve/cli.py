@@ -10,6 +10,9 @@ import sys
 import time
 from pathlib import Path
 
+# Light (PyYAML and arithmetic only); the other commands import Ray and the engine when they run.
+from amalia_serve import capacity_report
+
 CURL_EXAMPLE = """\
 amalia-serve is up on http://{host}:{port}  (models: {models})
 
@@ -131,6 +134,10 @@ def main(argv: list[str] | None = None) -> int:
     weights.add_argument("--app", default="amalia")
     weights.add_argument("--address", default="auto")
     weights.set_defaults(func=_weights)
+
+    plan = sub.add_parser("plan", help="capacity: memory, concurrent conversations and GPUs per card")
+    capacity_report.add_arguments(plan)
+    plan.set_defaults(func=capacity_report.run)
 
     sub.add_parser("operator", help="run the ModelRollout operator (see `amalia-serve operator --help`)")
     sub.add_parser("rollout", help="inspect and steer ModelRollouts: status | promote | abort NAME")

@@ -13,6 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from amalia_serve.capacity import DEFAULT_GPU_MEMORY_UTILIZATION, EngineSettings, check_variant
 from amalia_serve.constants import DEFAULT_SYSTEM_PROMPT
 
 VARIANT_NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
@@ -36,7 +37,7 @@ class AmaliaModel(BaseModel):
 # directory names its method in config.json (awq, gptq, compressed-tensors, ...), `fp8` also quantizes bf16
 # weights on the fly on Hopper/Ada GPUs. tests/unit/serve/test_vllm_engine.py checks each against vLLM.
 Quantization = Literal[
-    "fp8", "awq", "awq_marlin", "gptq", "gptq_marlin", "compressed-tensors", "bitsandbytes", "modelopt",
+    "fp8", "fp8_per_tensor", "fp8_per_channel", "fp8_per_block", "awq", "awq_marlin", "gptq", "gptq_marlin", "compressed-tensors", "bitsandbytes", "modelopt",
     "torchao", "fbgemm_fp8",
 ]  # fmt: skip
 
@@ -58,7 +59,7 @@ class EngineConfig(AmaliaModel):
         None, ge=16, description="Context window in tokens; defaults to the checkpoint's max_position_embeddings."
     )
     gpu_memory_utilization: float = Field(
-        0.9, gt=0, le=1, description="Fraction of GPU memory vLLM may use for weights, activations and KV cache. "
+        DEFAULT_GPU_MEMORY_UTILIZATION, gt=0, le=1, description="Fraction of GPU memory vLLM may use for weights, activations and KV cache. "
         "On vLLM's CPU build it is a fraction of the host's memory: set kv_cache_memory_bytes there instead."
     )
     kv_cache_memory_bytes: int | None = Field(
@@ -81,8 +82,8 @@ class EngineConfig(AmaliaModel):
         "auto", description="KV-cache dtype; fp8 halves KV memory per token (Hopper/Ada GPUs)."
     )
     quantization: Quantization | None = Field(
-        None, description="Weight quantization: null reads it from the checkpoint's config.json; `fp8` quantizes "
-        "bf16 weights on the fly on Hopper/Ada GPUs."
+        None, description="Weight quantization: null reads it from the checkpoint's config.json; `fp8_per_tensor` "
+        "(or the older spelling `fp8`, deprecated in vLLM 0.32) quantizes bf16 weights on the fly on Hopper/Ada GPUs."
     )
     enforce_eager: bool = Field(
         False, description="Skip CUDA graphs / torch.compile: faster start, slower decode. For tests."
@@ -174,6 +175,30 @@ class VariantConfig(AmaliaModel):
     deployment: DeploymentOptions = Field(
         default_factory=DeploymentOptions, description="Serve deployment options (see DeploymentOptions)."
     )
+
+    @model_validator(mode="after")
+    def _fits_its_gpu(self) -> VariantConfig:
+        """Refuse an engine block vLLM could not start, where this process can tell: the checkpoint's
+        config.json is readable (a local run; a cluster's head does not mount the models) and, for the
+        memory fit, `ray_actor_options.accelerator_type` names the card (see `amalia-serve plan`)."""
+        engine = self.engine
+        settings = EngineSettings(
+            max_model_len=engine.max_model_len,
+            quantization=engine.quantization,
+            kv_cache_dtype=engine.kv_cache_dtype,
+            gpu_memory_utilization=engine.gpu_memory_utilization,
+            tensor_parallel_size=engine.tensor_parallel_size,
+            max_num_seqs=engine.max_num_seqs,
+            max_num_batched_tokens=engine.max_num_batched_tokens,
+        )
+        # A KV cache sized in bytes is not a share of the card: only the checkpoint checks apply.
+        accelerator = None if engine.kv_cache_memory_bytes else self.deployment.ray_actor_options.get(
+            "accelerator_type"
+        )
+        problems = check_variant(self.model_path, accelerator, settings)
+        if problems:
+            raise ValueError(f"variant {self.name}: {'; '.join(problems)}")
+        return self
 
 
 class RoutingConfig(AmaliaModel):
