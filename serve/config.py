@@ -37,7 +37,8 @@ class AmaliaModel(BaseModel):
 # directory names its method in config.json (awq, gptq, compressed-tensors, ...), `fp8` also quantizes bf16
 # weights on the fly on Hopper/Ada GPUs. tests/unit/serve/test_vllm_engine.py checks each against vLLM.
 Quantization = Literal[
-    "fp8", "fp8_per_tensor", "fp8_per_channel", "fp8_per_block", "awq", "awq_marlin", "gptq", "gptq_marlin", "compressed-tensors", "bitsandbytes", "modelopt",
+    "fp8", "fp8_per_tensor", "fp8_per_channel", "fp8_per_block", "awq", "awq_marlin", "gptq", "gptq_marlin",
+    "compressed-tensors", "modelopt",
     "torchao", "fbgemm_fp8",
 ]  # fmt: skip
 
