@@ -27,8 +27,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from benchmarks.load import LevelResult, http_p50_ms, run_level, third_turn_ttft_ms  # noqa: E402
-from benchmarks.servers import bare_vllm, noop_app  # noqa: E402
+from benchmarks.load import LevelResult, http_p50_ms, run_level, third_turn_ttft_ms
+from benchmarks.servers import bare_vllm, noop_app
 
 NAIVE_ENGINE = "benchmarks.naive_engine:NaiveGenerateEngine"
 # Goals of the engine issue (CPU part), checked on the JSON keys below.
