@@ -41,6 +41,13 @@ INGRESS_PLAN: dict[str, list[Any]] = {
         [DPO, 429, 0.02, "header"],
     ],
     "first_token": [[SFT, 0.12], [SFT, 2.4], [DPO, 0.06]],
+    # Mesh callers; the last one was refused before routing, so it has no variant.
+    "callers": [
+        ["team-a/chat", SFT, 200],
+        ["team-a/chat", SFT, 200],
+        ["team-b/batch", DPO, 429],
+        ["unidentified", "", 403],
+    ],
 }
 VARIANT_PLANS: dict[str, dict[str, list[Any]]] = {
     SFT: {
@@ -91,6 +98,8 @@ class IngressRecorder:
             self._metrics.record_request(variant, status, latency, reason)
         for variant, ttft in body["ingress"]["first_token"]:
             self._metrics.record_first_token(variant, ttft)
+        for caller, variant, status in body["ingress"]["callers"]:
+            self._metrics.record_caller(caller, variant, status)
         for variant, handle in self._variants.items():
             await handle.record.remote(body["variants"][variant])
         return "recorded"
@@ -136,7 +145,7 @@ def metrics_url() -> Iterator[str]:
             ray.shutdown()
 
 
-_KEPT_LABELS = ("variant", "status_class", "route_reason", "le", "deployment")
+_KEPT_LABELS = ("variant", "status_class", "route_reason", "le", "deployment", "caller")
 Series = tuple[str, tuple[tuple[str, str], ...]]
 
 
@@ -192,6 +201,12 @@ def _expected() -> dict[Series, float]:
             route_reason=reason,
         )
         out[key] += 1
+    for caller, variant, status in INGRESS_PLAN["callers"]:
+        labels = {"deployment": ingress, "caller": caller, "status_class": f"{status // 100}xx"}
+        if variant:  # an empty tag value is exported as no label at all
+            labels["variant"] = variant
+        key = _series(m.EXPORT_PREFIX + m.CALLER_REQUESTS + "_total", **labels)
+        out[key] += 1
     for variant in (SFT, DPO):
         requests = [r for r in INGRESS_PLAN["requests"] if r[0] == variant]
         ttfts = [t for v, t in INGRESS_PLAN["first_token"] if v == variant]
@@ -238,7 +253,7 @@ def test_exported_metrics_carry_recorded_values_when_scraped_from_ray(metrics_ur
     amalia_names = {name for name, _ in scraped if name.startswith("ray_amalia_")}
     assert amalia_names == m.EXPORTED_METRIC_NAMES
     for name, labels in scraped:
-        if name.startswith("ray_amalia_"):
+        if name.startswith("ray_amalia_") and dict(labels).get("caller") != "unidentified":
             assert dict(labels)["variant"] in (SFT, DPO), (name, labels)
 
 
