@@ -10,7 +10,7 @@ would see it, nothing persisted. Rendered with helm 3 and helm 4.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -87,33 +87,40 @@ def test_release_passes_server_dry_run_when_mesh_provider_is_set(
     assert bool([o for o in mesh if o["kind"] != "HTTPRoute"]) == (provider != "none")
 
 
-def test_api_server_refuses_authorization_policy_when_it_has_selector_and_target(
-    cluster: ControlPlane,
-) -> None:
-    objects = release("helm3", "istio-ambient")
-    waypoint_policy = mesh_object(objects, "AuthorizationPolicy", "amalia-api")
-    waypoint_policy["spec"]["selector"] = {"matchLabels": {"app": "x"}}
-    with pytest.raises(ApiException, match="only one of targetRefs or selector") as refused:
-        cluster.apply(waypoint_policy, dry_run=True)
-    assert refused.value.status == 422
+def _add_selector(policy: dict[str, Any]) -> None:
+    policy["spec"]["selector"] = {"matchLabels": {"app": "x"}}
 
 
-def test_api_server_refuses_mesh_tls_authentication_when_identities_are_doubled(
-    cluster: ControlPlane,
-) -> None:
-    authn = mesh_object(release("helm3", "linkerd"), "MeshTLSAuthentication", "amalia-api-callers")
-    authn["spec"]["identities"] = ["*"]  # next to identityRefs: the CRD's oneOf refuses both
-    with pytest.raises(ApiException) as refused:
-        cluster.apply(authn, dry_run=True)
-    assert refused.value.status == 422
+def _add_identities(authn: dict[str, Any]) -> None:
+    authn["spec"]["identities"] = ["*"]  # next to identityRefs
 
 
-def test_api_server_refuses_destination_rule_when_a_field_is_misspelled(
-    cluster: ControlPlane,
-) -> None:
-    rule = mesh_object(release("helm3", "istio"), "DestinationRule", "amalia")
+def _misspell_field(rule: dict[str, Any]) -> None:
     outlier = rule["spec"]["trafficPolicy"]["outlierDetection"]
     outlier["consecutiveLocalOriginFailure"] = outlier.pop("consecutiveLocalOriginFailures")
-    # Server-side apply builds a typed object from the CRD schema first, and says so.
-    with pytest.raises(ApiException, match="consecutiveLocalOriginFailure: field not declared"):
-        cluster.apply(rule, dry_run=True)
+
+
+@pytest.mark.parametrize(
+    ("provider", "kind", "name", "breaks", "message"),
+    [
+        pytest.param("istio-ambient", "AuthorizationPolicy", "amalia-api", _add_selector,
+                     "only one of targetRefs or selector", id="istio-selector-and-targetRefs"),
+        pytest.param("linkerd", "MeshTLSAuthentication", "amalia-api-callers", _add_identities,
+                     "must validate one and only one schema", id="linkerd-identities-and-refs"),
+        # Server-side apply types the object with the CRD schema first, and says so.
+        pytest.param("istio", "DestinationRule", "amalia", _misspell_field,
+                     "consecutiveLocalOriginFailure: field not declared", id="istio-misspelled"),
+    ],
+)  # fmt: skip
+def test_api_server_refuses_mesh_object_when_it_breaks_its_crd(
+    cluster: ControlPlane,
+    provider: str,
+    kind: str,
+    name: str,
+    breaks: Callable[[dict[str, Any]], None],
+    message: str,
+) -> None:
+    obj = mesh_object(release("helm3", provider), kind, name)
+    breaks(obj)
+    with pytest.raises(ApiException, match=message):
+        cluster.apply(obj, dry_run=True)
