@@ -92,6 +92,13 @@ def test_chart_renders_mesh_objects_of_its_provider_only_when_provider_is_set(
     assert (mesh is None) == (provider == "none")
 
 
+@pytest.mark.parametrize("provider", sorted(MESH_KINDS))
+def test_head_pod_leaves_serve_services_when_meshed(provider: str) -> None:
+    # KubeRay's plaintext probe of the head's Serve port cannot pass the mesh's mTLS and allowlist.
+    spec = one(mesh_render("helm3", provider), "RayService")["spec"]
+    assert spec.get("excludeHeadPodFromServeSvc", False) is (provider != "none")
+
+
 @pytest.mark.parametrize("provider", sorted(MESH_VALUES))
 def test_chart_lints_cleanly_when_mesh_values_are_valid(helm: str, provider: str) -> None:
     result = run_helm(helm, "lint", str(CHART), "--strict", "--values", str(MESH_VALUES[provider]))
