@@ -44,8 +44,17 @@ IDENTITY_HEADERS = {
 UNIDENTIFIED = "unidentified"
 
 # The caller of the request being served, as its label: the ingress sets it per request, and log
-# records and metrics read it (asyncio gives each request task its own copy).
+# records and metrics read it (asyncio gives each request task its own copy). Reach it through the
+# two functions below: Serve pickles the ingress's methods, and a ContextVar cannot be pickled.
 current_caller: ContextVar[str | None] = ContextVar("amalia_caller", default=None)
+
+
+def set_current_caller(label: str) -> None:
+    current_caller.set(label)
+
+
+def current_caller_label() -> str | None:
+    return current_caller.get()
 
 _NAMESPACE = re.compile(K8S_LABEL_PATTERN)
 _SERVICE_ACCOUNT = re.compile(K8S_SUBDOMAIN_PATTERN)

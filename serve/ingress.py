@@ -29,7 +29,13 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from amalia_serve import openai_schema as oai
-from amalia_serve.caller_identity import UNIDENTIFIED, CallerGate, CallerIdentity, current_caller
+from amalia_serve.caller_identity import (
+    UNIDENTIFIED,
+    CallerGate,
+    CallerIdentity,
+    current_caller_label,
+    set_current_caller,
+)
 from amalia_serve.config import AmaliaServingArgs, RoutingConfig
 from amalia_serve.constants import SESSION_HEADER, VARIANT_HEADER
 from amalia_serve.engine import EngineOutput
@@ -239,7 +245,7 @@ class AmaliaIngress:
         """The caller's mesh identity (None without a mesh); HTTP 403 when the allowlist refuses it."""
         caller = self.callers.identify(request.headers)
         if self.callers.enabled:
-            current_caller.set(caller.label if caller else UNIDENTIFIED)
+            set_current_caller(caller.label if caller else UNIDENTIFIED)
         if not self.callers.allows(caller):
             who = f"caller {caller.label}" if caller else "a caller without a mesh identity"
             logger.warning("refused %s: not in ingress.mesh.allowed_callers", who)
@@ -248,7 +254,7 @@ class AmaliaIngress:
         return caller
 
     def _record_caller(self, decision: RouteDecision | None, status: int) -> None:
-        caller = current_caller.get()
+        caller = current_caller_label()
         if caller is not None:
             self.metrics.record_caller(caller, decision.variant if decision else "", status)
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from opentelemetry import trace
 
-from amalia_serve.caller_identity import current_caller
+from amalia_serve.caller_identity import current_caller_label
 
 TRACE_ID_KEY = "trace_id"
 SPAN_ID_KEY = "span_id"
@@ -57,7 +57,7 @@ def _stamp_trace_ids(record: logging.LogRecord) -> None:
 
 
 def _stamp_caller(record: logging.LogRecord) -> None:
-    caller = current_caller.get()
+    caller = current_caller_label()
     if caller is not None:
         setattr(record, CALLER_KEY, caller)
 
@@ -73,7 +73,7 @@ def install_log_correlation() -> None:
 def install_caller_log_field() -> None:
     """Stamp ``caller`` (``namespace/serviceaccount``) on records made while serving a request.
 
-    The ingress sets the caller per request (amalia_serve.caller_identity.current_caller) when a
+    The ingress sets the caller per request (amalia_serve.caller_identity) when a
     service mesh identifies callers. Idempotent; records outside a request get no key.
     """
     _stamp_records(CALLER_KEY, _stamp_caller)
