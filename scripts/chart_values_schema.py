@@ -8,12 +8,17 @@ the keys of Ray Serve's AutoscalingConfig. Every object the chart defines refuse
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, get_args
 
 from ray.serve.config import AutoscalingConfig
 
 from amalia_serve.capacity import GPUS, PRESETS
-from amalia_serve.config import VARIANT_NAME_PATTERN, EngineConfig
+from amalia_serve.config import (
+    K8S_SUBDOMAIN_PATTERN,
+    VARIANT_NAME_PATTERN,
+    EngineConfig,
+    MeshProvider,
+)
 
 Schema = dict[str, Any]
 
@@ -137,6 +142,45 @@ def worker_group_schema() -> Schema:
             "rayStartParams": START_PARAMS,
         },
         required=("name", "minReplicas", "maxReplicas", "gpusPerWorker", "gpuResourceName"),
+    )
+
+
+# Seconds, as both Istio (a protobuf Duration) and Gateway API (at most 5 digits) read them.
+SECONDS = r"^[0-9]{1,5}s$"
+
+
+def mesh_schema() -> Schema:
+    callers: Schema = {
+        "type": "array",
+        "items": obj(
+            {
+                "namespace": string(pattern=K8S_NAME),
+                "serviceAccount": string(pattern=K8S_SUBDOMAIN_PATTERN),
+            },
+            required=("namespace",),
+        ),
+    }
+    providers = list(get_args(MeshProvider))
+    return obj(
+        {
+            "provider": {"enum": providers},
+            "trustDomain": string(minLength=1),
+            "allowedCallers": callers,
+            "stickyByCaller": {"type": "boolean"},
+            "metrics": obj({"scrapers": callers, "plaintext": {"type": "boolean"}}),
+            "outboundPorts": {
+                "type": "array",
+                "items": {"type": "integer", "minimum": 1, "maximum": 65535},
+            },
+            "traffic": obj(
+                {
+                    "requestTimeout": string(pattern=SECONDS),
+                    "consecutiveConnectFailures": integer(1),
+                    "baseEjectionTime": string(pattern=SECONDS),
+                }
+            ),
+            "waypoint": obj({"enabled": {"type": "boolean"}}),
+        }
     )
 
 
@@ -307,6 +351,7 @@ def values_schema() -> Schema:
                     }
                 ),
                 "tests": obj({"image": string(), "maxTokens": integer(1)}),
+                "mesh": mesh_schema(),
                 "modelRollouts": {
                     "type": "array",
                     "items": obj(

@@ -44,6 +44,9 @@ TEMPLATE_FILES = {
     "podmonitor.yaml": "monitoring.yaml",
     "grafana-dashboard.yaml": "monitoring.yaml",
     "httproute.yaml": "rayservice.yaml",
+    "mesh-istio.yaml": "rayservice.yaml",
+    "mesh-linkerd.yaml": "rayservice.yaml",
+    "mesh-test-serviceaccount.yaml": "rayservice.yaml",
     "modelrollouts.yaml": "modelrollout-example.yaml",
 }
 HEADER = (

@@ -221,6 +221,74 @@ class RoutingConfig(AmaliaModel):
         return weights
 
 
+MeshProvider = Literal["none", "istio", "istio-ambient", "linkerd"]
+K8S_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+# A ServiceAccount name is a DNS subdomain: labels joined by dots.
+K8S_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+
+
+class CallerRule(AmaliaModel):
+    """One workload (or every workload of a namespace) allowed to call the API, by mesh identity."""
+
+    namespace: str = Field(..., pattern=K8S_LABEL_PATTERN, description="Namespace of the caller.")
+    service_account: str | None = Field(
+        None,
+        pattern=K8S_SUBDOMAIN_PATTERN,
+        description="ServiceAccount of the caller; null allows every workload of the namespace.",
+    )
+
+
+class MeshConfig(AmaliaModel):
+    """The service mesh in front of the ingress, and what the ingress does with its caller identity.
+
+    With a mesh the local proxy (Istio's sidecar or waypoint, Linkerd's proxy) terminates mTLS and
+    tells the app who called in a header it sets itself; without one that header is whatever the
+    caller sent, so it is ignored.
+    """
+
+    provider: MeshProvider = Field(
+        "none",
+        description="`none`, `istio` (sidecars: `x-forwarded-client-cert`), `istio-ambient` "
+        "(`x-forwarded-client-cert` from a waypoint that synthesises it, Istio >= 1.30) or `linkerd` "
+        "(`l5d-client-id`). `none` ignores both headers: any caller could forge them.",
+    )
+    trust_identity_header: bool = Field(
+        True,
+        description="Read the caller from the provider's header. Turn off where no proxy on the "
+        "request path sets it and strips forgeries (Istio ambient without such a waypoint).",
+    )
+    trust_domain: str = Field(
+        "cluster.local",
+        min_length=1,
+        description="Trust domain of the mesh identities (Istio `meshConfig.trustDomain`, Linkerd "
+        "`identityTrustDomain`); an identity from another domain counts as no identity.",
+    )
+    allowed_callers: list[CallerRule] = Field(
+        default_factory=list,
+        description="Workloads allowed on the OpenAI routes (`/v1/*`); others get HTTP 403. Empty "
+        "allows every caller the mesh lets through.",
+    )
+    sticky_by_caller: bool = Field(
+        True,
+        description="Use the caller identity as the sticky-routing key of requests that carry none "
+        "(`user`, `x-session-id`), so one workload keeps talking to one variant.",
+    )
+
+    @model_validator(mode="after")
+    def _identity_needed(self) -> MeshConfig:
+        if self.allowed_callers and not self.identifies_callers:
+            raise ValueError(
+                "allowed_callers needs provider istio, istio-ambient or linkerd with "
+                "trust_identity_header: without them the caller identity is unknown or forgeable"
+            )
+        return self
+
+    @property
+    def identifies_callers(self) -> bool:
+        """Whether the ingress reads a caller identity at all."""
+        return self.provider != "none" and self.trust_identity_header
+
+
 class IngressConfig(AmaliaModel):
     """The OpenAI-compatible front deployment."""
 
@@ -230,6 +298,10 @@ class IngressConfig(AmaliaModel):
     )
     max_request_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Larger bodies get HTTP 413.")
     ready_timeout_s: float = Field(2.0, gt=0, description="How long /readyz waits for each variant.")
+    mesh: MeshConfig = Field(
+        default_factory=MeshConfig,
+        description="Service mesh and caller identity (see MeshConfig); off by default.",
+    )
 
 
 class AmaliaServingArgs(AmaliaModel):

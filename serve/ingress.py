@@ -1,8 +1,9 @@
 """The OpenAI-compatible front door: HTTP request -> validation -> route decision -> variant handle -> response.
 
-Status codes: 400 malformed JSON or a request the engine refuses (context overflow, ...), 404 unknown model or
-route, 413 body too large, 422 a body that breaks the request schema (wrong type, empty messages, max_tokens < 1),
-429 a variant's queue is full, 503 no variant replica can take the request. Every error has OpenAI's shape.
+Status codes: 400 malformed JSON or a request the engine refuses (context overflow, ...), 403 a caller that
+`ingress.mesh.allowed_callers` does not list, 404 unknown model or route, 413 body too large, 422 a body that
+breaks the request schema (wrong type, empty messages, max_tokens < 1), 429 a variant's queue is full, 503 no
+variant replica can take the request. Every error has OpenAI's shape.
 
 No `from __future__ import annotations` here: FastAPI reads the route signatures at runtime, and Serve's
 class-based ingress cannot resolve postponed (string) annotations such as `request: Request`.
@@ -28,9 +29,17 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from amalia_serve import openai_schema as oai
+from amalia_serve.caller_identity import (
+    UNIDENTIFIED,
+    CallerGate,
+    CallerIdentity,
+    current_caller_label,
+    set_current_caller,
+)
 from amalia_serve.config import AmaliaServingArgs, RoutingConfig
 from amalia_serve.constants import SESSION_HEADER, VARIANT_HEADER
 from amalia_serve.engine import EngineOutput
+from amalia_serve.logging_setup import install_caller_log_field
 from amalia_serve.metrics import IngressMetrics
 from amalia_serve.protocol import GenerationFailure, GenerationRequest, Operation
 from amalia_serve.routing import RouteDecision, TrafficSplit, UnknownVariantError
@@ -125,6 +134,9 @@ class AmaliaIngress:
         self.routing_error: str | None = None
         self.rng = random.Random()
         self.metrics = IngressMetrics()
+        self.callers = CallerGate(args.ingress.mesh)
+        if self.callers.enabled:
+            install_caller_log_field()
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """New traffic weights, applied without a restart.
@@ -201,7 +213,8 @@ class AmaliaIngress:
         return {"model": self.args.model_alias, "weights": self.weights, "error": self.routing_error}
 
     @api.get("/v1/models")
-    async def models(self) -> dict[str, Any]:
+    async def models(self, request: Request) -> dict[str, Any]:
+        self._admit(request)
         return oai.model_list([self.args.model_alias, *self.variant_names])
 
     @api.post("/v1/chat/completions")
@@ -219,8 +232,9 @@ class AmaliaIngress:
         decision: RouteDecision | None = None
         with server_span(request.url.path, request.method, extract_carrier(request.headers)) as span:
             try:
+                caller = self._admit(request)
                 body = await self._parse(request, operation)
-                decision = self._route(body, request)
+                decision = self._route(body, request, caller)
                 span.set_route(decision.variant, decision.reason.value)
                 response = await self._generate(body, decision, operation, started, span)
             except ApiError as exc:
@@ -232,7 +246,25 @@ class AmaliaIngress:
                 if decision is not None:
                     self.metrics.record_request(decision.variant, response.status_code,
                                                 time.monotonic() - started, decision.reason.value)  # fmt: skip
+                self._record_caller(decision, response.status_code)
         return response
+
+    def _admit(self, request: Request) -> CallerIdentity | None:
+        """The caller's mesh identity (None without a mesh); HTTP 403 when the allowlist refuses it."""
+        caller = self.callers.identify(request.headers)
+        if self.callers.enabled:
+            set_current_caller(caller.label if caller else UNIDENTIFIED)
+        if not self.callers.allows(caller):
+            who = f"caller {caller.label}" if caller else "a caller without a mesh identity"
+            logger.warning("refused %s: not in ingress.mesh.allowed_callers", who)
+            raise ApiError(403, f"{who} is not allowed to use this API", "permission_error",
+                           code="caller_not_allowed")  # fmt: skip
+        return caller
+
+    def _record_caller(self, decision: RouteDecision | None, status: int) -> None:
+        caller = current_caller_label()
+        if caller is not None:
+            self.metrics.record_caller(caller, decision.variant if decision else "", status)
 
     async def _parse(
         self, request: Request, operation: Operation
@@ -258,7 +290,10 @@ class AmaliaIngress:
             raise _schema_error(exc.errors()) from None
 
     def _route(
-        self, body: oai.ChatCompletionRequest | oai.CompletionRequest, request: Request
+        self,
+        body: oai.ChatCompletionRequest | oai.CompletionRequest,
+        request: Request,
+        caller: CallerIdentity | None,
     ) -> RouteDecision:
         if self.split is None:
             raise ApiError(503, "no traffic weights configured yet", "service_unavailable",
@@ -271,7 +306,9 @@ class AmaliaIngress:
             return self.split.choose(
                 model=body.model,
                 header_variant=request.headers.get(VARIANT_HEADER),
-                sticky_key=body.user or request.headers.get(SESSION_HEADER),
+                sticky_key=(
+                    body.user or request.headers.get(SESSION_HEADER) or self.callers.sticky_key(caller)
+                ),
                 rng=self.rng,
             )
         except UnknownVariantError as exc:
@@ -382,6 +419,7 @@ class AmaliaIngress:
             span.set_status_code(200 if status == 499 else status)
             span.end()
             self.metrics.record_request(model, status, time.monotonic() - started, decision.reason.value)
+            self._record_caller(decision, status)
 
     @staticmethod
     def _chunk(operation: Operation, rid: str, model: str, created: int, out: EngineOutput) -> dict[str, Any]:

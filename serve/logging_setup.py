@@ -14,16 +14,52 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from opentelemetry import trace
 
+from amalia_serve.caller_identity import current_caller_label
+
 TRACE_ID_KEY = "trace_id"
 SPAN_ID_KEY = "span_id"
+CALLER_KEY = "caller"
 
 # Attributes every LogRecord has; anything else was passed through `extra=` or stamped by a factory
 # or filter and belongs in the JSON object.
 _STANDARD_RECORD_ATTRS = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+
+
+def _stamp_records(flag: str, stamp: Callable[[logging.LogRecord], None]) -> None:
+    """Wrap the record factory so ``stamp`` sees every new record; once per ``flag``."""
+    current = logging.getLogRecordFactory()
+    wrapped: Any = current
+    while wrapped is not None:  # another stamp's wrapper may sit on top of this one's
+        if getattr(wrapped, "_amalia_stamp", None) == flag:
+            return
+        wrapped = getattr(wrapped, "_amalia_inner", None)
+
+    def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = current(*args, **kwargs)
+        stamp(record)
+        return record
+
+    factory._amalia_stamp = flag  # type: ignore[attr-defined]
+    factory._amalia_inner = current  # type: ignore[attr-defined]
+    logging.setLogRecordFactory(factory)
+
+
+def _stamp_trace_ids(record: logging.LogRecord) -> None:
+    span_context = trace.get_current_span().get_span_context()
+    if span_context.is_valid:
+        setattr(record, TRACE_ID_KEY, trace.format_trace_id(span_context.trace_id))
+        setattr(record, SPAN_ID_KEY, trace.format_span_id(span_context.span_id))
+
+
+def _stamp_caller(record: logging.LogRecord) -> None:
+    caller = current_caller_label()
+    if caller is not None:
+        setattr(record, CALLER_KEY, caller)
 
 
 def install_log_correlation() -> None:
@@ -31,20 +67,16 @@ def install_log_correlation() -> None:
 
     Idempotent. Records made outside any span get neither key, so untraced lines stay short.
     """
-    current = logging.getLogRecordFactory()
-    if getattr(current, "_amalia_trace_ids", False):
-        return
+    _stamp_records(TRACE_ID_KEY, _stamp_trace_ids)
 
-    def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
-        record = current(*args, **kwargs)
-        span_context = trace.get_current_span().get_span_context()
-        if span_context.is_valid:
-            setattr(record, TRACE_ID_KEY, trace.format_trace_id(span_context.trace_id))
-            setattr(record, SPAN_ID_KEY, trace.format_span_id(span_context.span_id))
-        return record
 
-    factory._amalia_trace_ids = True  # type: ignore[attr-defined]
-    logging.setLogRecordFactory(factory)
+def install_caller_log_field() -> None:
+    """Stamp ``caller`` (``namespace/serviceaccount``) on records made while serving a request.
+
+    The ingress sets the caller per request (amalia_serve.caller_identity) when a
+    service mesh identifies callers. Idempotent; records outside a request get no key.
+    """
+    _stamp_records(CALLER_KEY, _stamp_caller)
 
 
 class JsonFormatter(logging.Formatter):

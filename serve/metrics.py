@@ -23,6 +23,7 @@ EXPORT_PREFIX = "ray_"
 
 # Ingress: what a caller sees.
 REQUESTS = "amalia_requests"
+CALLER_REQUESTS = "amalia_caller_requests"
 REQUEST_LATENCY = "amalia_request_latency_seconds"
 TIME_TO_FIRST_TOKEN = "amalia_time_to_first_token_seconds"
 # Engine: what vLLM reports after each of its steps (serve/vllm_engine.py feeds these).
@@ -70,6 +71,8 @@ HISTOGRAM_BOUNDARIES: dict[str, tuple[float, ...]] = {
 VARIANT_TAG = "variant"
 STATUS_CLASS_TAG = "status_class"
 ROUTE_REASON_TAG = "route_reason"
+# The calling workload's mesh identity, `namespace/serviceaccount` (amalia_serve.caller_identity).
+CALLER_TAG = "caller"
 
 
 def _exported(name: str, *suffixes: str) -> frozenset[str]:
@@ -79,6 +82,7 @@ def _exported(name: str, *suffixes: str) -> frozenset[str]:
 _HISTOGRAM_SUFFIXES = ("_bucket", "_count", "_sum")
 EXPORTED_METRIC_NAMES: frozenset[str] = frozenset().union(
     _exported(REQUESTS, "_total"),
+    _exported(CALLER_REQUESTS, "_total"),
     _exported(PROMPT_TOKENS, "_total"),
     _exported(OUTPUT_TOKENS, "_total"),
     _exported(PREFIX_CACHE_QUERIES, "_total"),
@@ -123,8 +127,16 @@ class IngressMetrics:
             boundaries=list(HISTOGRAM_BOUNDARIES[TIME_TO_FIRST_TOKEN]),
             tag_keys=(VARIANT_TAG,),
         )
+        self._caller_requests = Counter(
+            CALLER_REQUESTS,
+            description="Requests answered by the ingress by calling workload (mesh identity), "
+            "variant (empty when refused before routing) and status class; only with a mesh.",
+            tag_keys=(CALLER_TAG, VARIANT_TAG, STATUS_CLASS_TAG),  # type: ignore[arg-type]
+        )
         # A few variants x 3 status classes x 4 reasons: cache the tag dicts, built once each.
         self._request_tags: dict[tuple[str, int, str], dict[str, str]] = {}
+        # Callers are as few as the ServiceAccounts the mesh lets in: cached the same way.
+        self._caller_tags: dict[tuple[str, str, int], dict[str, str]] = {}
         self._variant_tags: dict[str, dict[str, str]] = {}
 
     def record_request(
@@ -140,6 +152,18 @@ class IngressMetrics:
             }
         self._requests.inc(1, tags)
         self._latency.observe(latency_s, self._tags_of(variant))
+
+    def record_caller(self, caller: str, variant: str, status_code: int) -> None:
+        """One answered request of ``caller``; ``variant`` is empty when it was refused unrouted."""
+        key = (caller, variant, status_code // 100)
+        tags = self._caller_tags.get(key)
+        if tags is None:
+            tags = self._caller_tags[key] = {
+                CALLER_TAG: caller,
+                VARIANT_TAG: variant,
+                STATUS_CLASS_TAG: status_class(status_code),
+            }
+        self._caller_requests.inc(1, tags)
 
     def record_first_token(self, variant: str, ttft_s: float) -> None:
         """User-visible TTFT: measured at the ingress, so it includes routing and queueing."""

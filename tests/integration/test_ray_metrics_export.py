@@ -41,6 +41,13 @@ INGRESS_PLAN: dict[str, list[Any]] = {
         [DPO, 429, 0.02, "header"],
     ],
     "first_token": [[SFT, 0.12], [SFT, 2.4], [DPO, 0.06]],
+    # Mesh callers; the last one was refused before routing, so it has no variant.
+    "callers": [
+        ["team-a/chat", SFT, 200],
+        ["team-a/chat", SFT, 200],
+        ["team-b/batch", DPO, 429],
+        ["unidentified", "", 403],
+    ],
 }
 VARIANT_PLANS: dict[str, dict[str, list[Any]]] = {
     SFT: {
@@ -87,6 +94,8 @@ class IngressRecorder:
             self._metrics.record_request(variant, status, latency, reason)
         for variant, ttft in body["ingress"]["first_token"]:
             self._metrics.record_first_token(variant, ttft)
+        for caller, variant, status in body["ingress"]["callers"]:
+            self._metrics.record_caller(caller, variant, status)
         for variant, handle in self._variants.items():
             await handle.record.remote(body["variants"][variant])
         return "recorded"
@@ -132,7 +141,7 @@ def metrics_url() -> Iterator[str]:
             ray.shutdown()
 
 
-_KEPT_LABELS = ("variant", "status_class", "route_reason", "le", "deployment")
+_KEPT_LABELS = ("variant", "status_class", "route_reason", "le", "deployment", "caller")
 Series = tuple[str, tuple[tuple[str, str], ...]]
 
 
@@ -188,6 +197,11 @@ def _expected() -> dict[Series, float]:
             route_reason=reason,
         )
         out[key] += 1
+    for caller, variant, status in INGRESS_PLAN["callers"]:
+        # Ray exports an empty tag as variant="" (a Prometheus server then drops the label).
+        labels = {"deployment": ingress, "caller": caller, "status_class": f"{status // 100}xx"}
+        key = _series(m.EXPORT_PREFIX + m.CALLER_REQUESTS + "_total", variant=variant, **labels)
+        out[key] += 1
     for variant in (SFT, DPO):
         requests = [r for r in INGRESS_PLAN["requests"] if r[0] == variant]
         ttfts = [t for v, t in INGRESS_PLAN["first_token"] if v == variant]
@@ -241,7 +255,8 @@ def test_exported_metrics_carry_recorded_values_when_scraped_from_ray(metrics_ur
     assert amalia_names == m.EXPORTED_METRIC_NAMES
     for name, labels in scraped:
         if name.startswith("ray_amalia_"):
-            assert dict(labels)["variant"] in (SFT, DPO), (name, labels)
+            refused = dict(labels).get("caller") == "unidentified"
+            assert dict(labels)["variant"] in (("",) if refused else (SFT, DPO)), (name, labels)
 
 
 def test_serve_replica_metrics_exist_per_variant_when_the_dashboard_reads_them(

@@ -129,6 +129,9 @@ sorted keys whatever the values hold.
 {{- $ing := .Values.serve.ingress }}
 {{- $ingressDeployment := dict "num_replicas" $ing.replicas "max_ongoing_requests" $ing.maxOngoingRequests "ray_actor_options" (dict "num_cpus" $ing.cpus) }}
 {{- $ingress := dict "deployment" $ingressDeployment "max_request_bytes" $ing.maxRequestBytes "ready_timeout_s" $ing.readyTimeoutS }}
+{{- if ne .Values.mesh.provider "none" }}
+{{- $_ := set $ingress "mesh" (include "amalia-serve.ingressMesh" . | fromJson) }}
+{{- end }}
 {{- $args := dict "model_alias" .Values.serve.modelAlias "ingress" $ingress }}
 {{- $weights := include "amalia-serve.weights" . | fromJson }}
 {{- $live := dict "name" "AmaliaIngress" "user_config" (dict "weights" $weights) }}

@@ -10,9 +10,11 @@ from collections.abc import Iterator
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
 
+from amalia_serve.caller_identity import current_caller
 from amalia_serve.logging_setup import (
     JsonFormatter,
     configure_json_logging,
+    install_caller_log_field,
     install_log_correlation,
 )
 
@@ -88,3 +90,32 @@ def test_configure_json_logging_writes_json_with_exception_when_root_logs(
     record = json.loads(line)
     assert record["message"] == "failed" and "KeyError" in record["exc_text"]
     assert logging.getLogger().level == logging.DEBUG
+
+
+def _new_record() -> logging.LogRecord:
+    return logging.getLogRecordFactory()("amalia.test", logging.INFO, __file__, 1, "m", (), None)
+
+
+def _wrappers() -> int:
+    factory, depth = logging.getLogRecordFactory(), 0
+    while hasattr(factory, "_amalia_inner"):
+        factory, depth = factory._amalia_inner, depth + 1
+    return depth
+
+
+def test_records_carry_caller_when_logged_while_serving_a_mesh_request() -> None:
+    install_caller_log_field()
+    install_log_correlation()
+    install_caller_log_field()  # idempotent even beneath another wrapper
+    install_log_correlation()
+    assert _wrappers() == 2
+
+    token = current_caller.set("team-a/chat")
+    try:
+        inside = _new_record()
+    finally:
+        current_caller.reset(token)
+    outside = _new_record()
+
+    assert json.loads(JsonFormatter().format(inside))["caller"] == "team-a/chat"
+    assert not hasattr(outside, "caller")
