@@ -79,7 +79,10 @@ def ingress_weights(config: dict[str, Any]) -> dict[str, int]:
 
 
 def start_local_ray(
-    num_cpus: int | None = None, dashboard: bool = True, metrics_export_port: int | None = None
+    num_cpus: int | None = None,
+    dashboard: bool = True,
+    metrics_export_port: int | None = None,
+    log_to_driver: bool = True,
 ) -> None:
     """A new laptop-local Ray: auth off, the dashboard (which `serve deploy` talks to) on loopback only."""
     import ray
@@ -95,6 +98,7 @@ def start_local_ray(
         include_dashboard=dashboard,
         dashboard_host="127.0.0.1",
         logging_level=logging.WARNING,
+        log_to_driver=log_to_driver,
         _metrics_export_port=metrics_export_port,
     )
 

@@ -32,8 +32,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from benchmarks.load import LevelResult, run_level  # noqa: E402
-from benchmarks.servers import bare_vllm  # noqa: E402
+from benchmarks.load import LevelResult, run_level
+from benchmarks.servers import bare_vllm
 
 # Peak HBM bandwidth by product name (vendor data sheets, bytes/s); the measured copy bandwidth is printed too.
 HBM_BYTES_PER_S = {"H200": 4.8e12, "H100 SXM": 3.35e12, "H100 80GB HBM3": 3.35e12, "H100 PCIe": 2.0e12,
