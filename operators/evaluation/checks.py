@@ -31,6 +31,13 @@ def _excerpt(text: str) -> str:
     return repr(flat if len(flat) <= _EXCERPT_CHARS else flat[: _EXCERPT_CHARS - 1] + "…")
 
 
+def _any_mentioned(answer: str, phrases: list[str], verb: str) -> CheckResult:
+    found = scorers.mentioned(answer, phrases)
+    if found:
+        return CheckResult(True, f"{verb} {found[0]!r}")
+    return CheckResult(False, f"{_excerpt(answer)} {verb} none of {phrases}")
+
+
 def _one_or_more(value: str | list[str]) -> list[str]:
     return [value] if isinstance(value, str) else value
 
@@ -58,10 +65,7 @@ class ContainsCheck(WireModel):
     _one = field_validator("expected", mode="before")(_one_or_more)
 
     def score(self, answer: str) -> CheckResult:
-        found = scorers.mentioned(answer, self.expected)
-        if found:
-            return CheckResult(True, f"mentions {found[0]!r}")
-        return CheckResult(False, f"{_excerpt(answer)} mentions none of {self.expected}")
+        return _any_mentioned(answer, self.expected, "mentions")
 
 
 class RegexCheck(WireModel):
@@ -228,10 +232,7 @@ class VarietyCheck(WireModel):
             counts = count_markers(answer)
             if counts.pt_br:
                 return CheckResult(False, f"pt-BR forms for {list(counts.pt_br_concepts)}")
-        found = scorers.mentioned(answer, self.expect)
-        if found:
-            return CheckResult(True, f"uses {found[0]!r}")
-        return CheckResult(False, f"{_excerpt(answer)} uses none of {self.expect}")
+        return _any_mentioned(answer, self.expect, "uses")
 
 
 class AllCheck(WireModel):
