@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import pytest
 import yaml
 
 from amalia_operator.evaluation import GoldenSetError, load_golden_sets
+from amalia_operator.evaluation import __main__ as evaluation_cli
 from amalia_operator.evaluation.goldenset import (
     PACKAGED_DIR,
     find_golden_sets,
@@ -186,3 +188,17 @@ def test_golden_set_dirs_come_from_environment_when_operator_starts(tmp_path: Pa
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
     )
     assert out.stdout.split() == [f"{PACKAGED_DIR}|{tmp_path}/a|{tmp_path}/b"]
+
+
+# === python -m amalia_operator.evaluation check ===
+
+
+def test_check_command_reports_each_file_and_fails_when_one_is_invalid(tmp_path: Path) -> None:
+    good = write(tmp_path, "team-v1", MINIMAL)
+    bad = write(tmp_path, "other-v1", MINIMAL.replace("contains", "containz"))
+    out = io.StringIO()
+    assert evaluation_cli.main(["check", str(good)], out) == 0
+    assert evaluation_cli.main(["check", str(good), str(bad)], out) == 1
+    lines = out.getvalue().splitlines()
+    assert lines[0] == f"ok: {good}: team-v1, 1 items"
+    assert lines[2].startswith(f"error: {bad}: item 'capital' (items[0]) check: Input tag")
