@@ -76,10 +76,7 @@ def evaluation(base_url: str, **overrides: Any) -> EvaluationRun:
             "goldenSets": ["pt-pt-core-v1", "probe-v1"],
             "seed": 1234,
             "requestTimeoutS": 60,
-            # One request at a time: the hand-written engine crashes when a second request joins
-            # a running batch ("negative dimension" in engine._left_pad_mask); raise this to 4
-            # once vLLM serves the variants (issue 9).
-            "maxConcurrency": 1,
+            "maxConcurrency": 4,
             "budgetS": 300,
             **overrides,
         }
