@@ -180,6 +180,7 @@ class VLLMEngine(Engine):
         self._max_model_len = max_model_len
         self._max_pending = self._config.max_pending_requests or 2 * max_num_seqs
         self._load = load
+        self._admitted = 0  # requests between admission and the end of their stream
         self._aborted = 0
 
     @classmethod
@@ -258,10 +259,6 @@ class VLLMEngine(Engine):
         if not prompt_ids:
             raise EngineError("the prompt is empty")
         max_tokens = self._max_tokens(len(prompt_ids), sampling.max_tokens)
-        if self._llm.get_num_unfinished_requests() >= self._max_pending:
-            raise EngineOverloaded(
-                f"variant {self._variant.name} holds {self._max_pending} requests, its limit; retry later"
-            )
         params = VllmSamplingParams(
             max_tokens=max_tokens,
             temperature=sampling.temperature,
@@ -271,6 +268,12 @@ class VLLMEngine(Engine):
             ignore_eos=sampling.ignore_eos,
             output_kind=RequestOutputKind.DELTA,
         )
+        # Counted here, with no await between the check and the count, so concurrent arrivals cannot all slip in.
+        if self._admitted >= self._max_pending:
+            raise EngineOverloaded(
+                f"variant {self._variant.name} holds {self._max_pending} requests, its limit; retry later"
+            )
+        self._admitted += 1
         stream = self._llm.generate(TokensPrompt(prompt_token_ids=prompt_ids), params, request_id)
         interval_s = self._config.stream_interval_ms / 1000
         output_tokens = 0
@@ -303,6 +306,7 @@ class VLLMEngine(Engine):
             self._aborted += 1  # the caller went away
             raise
         finally:
+            self._admitted -= 1
             if not finished:
                 await stream.aclose()  # aborts the request in vLLM and frees its KV blocks
 

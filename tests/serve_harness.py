@@ -32,13 +32,19 @@ DEMO_ENGINE: dict[str, Any] = {"max_num_seqs": 8, "kv_cache_memory_bytes": 64 <<
 
 
 def demo_app_config(
-    sft: Path, dpo: Path, port: int, weights: dict[str, int] | None = None, **engine: Any
+    sft: Path,
+    dpo: Path,
+    port: int,
+    weights: dict[str, int] | None = None,
+    deployment: dict[str, Any] | None = None,
+    **engine: Any,
 ) -> dict[str, Any]:
-    """The `make run` layout (front app + one app per variant), tiny checkpoints, sized for 2 cores."""
+    """The `make run` layout (front app + one app per variant), tiny checkpoints, sized for 2 cores; `deployment`
+    and `engine` keys override the variants' defaults."""
 
     def variant_app(name: str, path: Path) -> dict[str, Any]:
-        deployment = {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}}
-        return variant_app_config(name, path, {**DEMO_ENGINE, **engine}, deployment)
+        options = {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}, **(deployment or {})}
+        return variant_app_config(name, path, {**DEMO_ENGINE, **engine}, options)
 
     weights = weights or {"amalia-sft": 90, "amalia-dpo": 10}
     return local_serve_config(port, weights, [variant_app("amalia-sft", sft), variant_app("amalia-dpo", dpo)])

@@ -214,13 +214,17 @@ def test_metrics_endpoint_counts_each_variants_traffic(served: RunningServe, htt
             "dpo_out": ("ray_amalia_output_tokens_total", {"variant": "amalia-dpo"}),
             "dpo_prompt": ("ray_amalia_prompt_tokens_total", {"variant": "amalia-dpo"}),
             "sft_ttft": ("ray_amalia_time_to_first_token_seconds_count", {"variant": "amalia-sft"}),
+            "sft_engine_ttft": ("ray_amalia_engine_time_to_first_token_seconds_count", {"variant": "amalia-sft"}),
+            "dpo_prefix_lookups": ("ray_amalia_prefix_cache_queries_total", {"variant": "amalia-dpo"}),
         }
         return {k: metric(after, n, **l) - metric(before, n, **l) for k, (n, l) in names.items()}
 
     expected = {
         "sft_2xx": 7, "dpo_2xx": 5, "dpo_4xx": 1,
         "sft_out": usage["amalia-sft"]["completion_tokens"], "dpo_out": usage["amalia-dpo"]["completion_tokens"],
-        "dpo_prompt": usage["amalia-dpo"]["prompt_tokens"], "sft_ttft": 7,
+        "dpo_prompt": usage["amalia-dpo"]["prompt_tokens"], "sft_ttft": 7, "sft_engine_ttft": 7,
+        # vLLM looks every prompt token up in its prefix cache (the 4xx request never reached the engine).
+        "dpo_prefix_lookups": usage["amalia-dpo"]["prompt_tokens"],
     }  # fmt: skip
     deadline = time.monotonic() + 30
     while (got := deltas()) != expected:
