@@ -41,6 +41,9 @@ INGRESS_PLAN: dict[str, list[Any]] = {
         [DPO, 429, 0.02, "header"],
     ],
     "first_token": [[SFT, 0.12], [SFT, 2.4], [DPO, 0.06]],
+    "api_key_requests": ["team-a", "team-a", "unauthorized"],
+    # The second request was cut short before any output: that token kind must not count.
+    "api_key_tokens": [["team-a", 11, 7], ["team-a", 5, 0]],
 }
 VARIANT_PLANS: dict[str, dict[str, list[Any]]] = {
     SFT: {
@@ -91,6 +94,10 @@ class IngressRecorder:
             self._metrics.record_request(variant, status, latency, reason)
         for variant, ttft in body["ingress"]["first_token"]:
             self._metrics.record_first_token(variant, ttft)
+        for key_name in body["ingress"]["api_key_requests"]:
+            self._metrics.record_api_key_request(key_name)
+        for key_name, prompt, output in body["ingress"]["api_key_tokens"]:
+            self._metrics.record_api_key_tokens(key_name, prompt, output)
         for variant, handle in self._variants.items():
             await handle.record.remote(body["variants"][variant])
         return "recorded"
@@ -136,7 +143,7 @@ def metrics_url() -> Iterator[str]:
             ray.shutdown()
 
 
-_KEPT_LABELS = ("variant", "status_class", "route_reason", "le", "deployment")
+_KEPT_LABELS = ("variant", "status_class", "route_reason", "le", "deployment", "api_key", "kind")
 Series = tuple[str, tuple[tuple[str, str], ...]]
 
 
@@ -192,6 +199,14 @@ def _expected() -> dict[Series, float]:
             route_reason=reason,
         )
         out[key] += 1
+    for key_name in INGRESS_PLAN["api_key_requests"]:
+        out[_series(m.EXPORT_PREFIX + m.API_KEY_REQUESTS + "_total", deployment=ingress, api_key=key_name)] += 1
+    for key_name, prompt, output in INGRESS_PLAN["api_key_tokens"]:
+        for kind, tokens in (("prompt", prompt), ("output", output)):
+            if tokens:
+                key = _series(m.EXPORT_PREFIX + m.API_KEY_TOKENS + "_total", deployment=ingress,
+                              api_key=key_name, kind=kind)  # fmt: skip
+                out[key] += tokens
     for variant in (SFT, DPO):
         requests = [r for r in INGRESS_PLAN["requests"] if r[0] == variant]
         ttfts = [t for v, t in INGRESS_PLAN["first_token"] if v == variant]
@@ -237,8 +252,11 @@ def test_exported_metrics_carry_recorded_values_when_scraped_from_ray(metrics_ur
     assert _mismatches(expected, scraped) == {}
     amalia_names = {name for name, _ in scraped if name.startswith("ray_amalia_")}
     assert amalia_names == m.EXPORTED_METRIC_NAMES
+    per_key = {m.EXPORT_PREFIX + m.API_KEY_REQUESTS + "_total", m.EXPORT_PREFIX + m.API_KEY_TOKENS + "_total"}
     for name, labels in scraped:
-        if name.startswith("ray_amalia_"):
+        if name in per_key:
+            assert dict(labels)["api_key"] in ("team-a", "unauthorized"), (name, labels)
+        elif name.startswith("ray_amalia_"):
             assert dict(labels)["variant"] in (SFT, DPO), (name, labels)
 
 
