@@ -37,8 +37,6 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ray import serve
-
     from amalia_serve import local_run
     from amalia_serve.config import AmaliaServingArgs
 
@@ -60,12 +58,13 @@ def _run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass
     finally:
-        print("shutting down", file=sys.stderr)
-        serve.shutdown()
-        import ray
-
-        ray.shutdown()
-        print("stopped", file=sys.stderr, flush=True)
+        print("shutting down", file=sys.stderr, flush=True)
+        # The stop is bounded; a second Ctrl-C would only cut it short and leave processes behind.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        killed = local_run.stop_local_ray()
+        note = f" ({len(killed)} processes outlived the stop and were killed)" if killed else ""
+        print(f"stopped{note}", file=sys.stderr, flush=True)
     # Everything started is stopped; skip interpreter teardown, where Ray's core worker can abort the
     # process after a signal (seen with 2.60: make reported "Aborted" after a clean shutdown).
     os._exit(0)
