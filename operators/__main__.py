@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["rollout"]:
         from amalia_operator import cli
 
-        return cli.main(argv[1:])
+        return int(cli.main(argv[1:]))
     return run(build_parser().parse_args(argv))
 
 
