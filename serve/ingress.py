@@ -235,11 +235,11 @@ class AmaliaIngress:
         decision: RouteDecision | None = None
         with server_span(request.url.path, request.method, extract_carrier(request.headers)) as span:
             try:
-                caller = self._authenticate(request)
+                key_name = self._authenticate(request)
                 body = await self._parse(request, operation)
                 decision = self._route(body, request)
                 span.set_route(decision.variant, decision.reason.value)
-                response = await self._generate(body, decision, operation, started, span, caller)
+                response = await self._generate(body, decision, operation, started, span, key_name)
             except ApiError as exc:
                 response = exc.response({VARIANT_HEADER: decision.variant} if decision else None)
             if isinstance(response, StreamingResponse):
@@ -301,7 +301,7 @@ class AmaliaIngress:
         operation: Operation,
         started: float,
         span: ServerSpan,
-        caller: str | None,
+        key_name: str | None,
     ) -> Response:
         rid = ("chatcmpl-" if operation == "chat" else "cmpl-") + uuid.uuid4().hex
         generation = GenerationRequest(
@@ -330,15 +330,15 @@ class AmaliaIngress:
         self.metrics.record_first_token(decision.variant, time.monotonic() - started)
         headers = {VARIANT_HEADER: decision.variant}
         if body.stream:
-            events = self._stream_events(body, decision, operation, rid, first, stream, started, span, caller)
+            events = self._stream_events(body, decision, operation, rid, first, stream, started, span, key_name)
             return StreamingResponse(events, media_type="text/event-stream", headers=headers)
         text, last = [first.text], first
         while last.finish_reason is None:  # the final output ends it; no wait for end-of-stream
             last = await anext(stream)
             text.append(last.text)
         stream.cancel()
-        if caller is not None:
-            self.metrics.record_api_key_tokens(caller, last.prompt_tokens, last.output_tokens)
+        if key_name is not None:
+            self.metrics.record_api_key_tokens(key_name, last.prompt_tokens, last.output_tokens)
         used = oai.usage(last.prompt_tokens, last.output_tokens)
         if operation == "chat":
             payload = oai.chat_completion(rid, decision.variant, "".join(text), last.finish_reason, used)
@@ -358,7 +358,7 @@ class AmaliaIngress:
         stream: Any,
         started: float,
         span: ServerSpan,
-        caller: str | None,
+        key_name: str | None,
     ) -> AsyncIterator[bytes]:
         model, created = decision.variant, int(time.time())
         status = 200
@@ -388,8 +388,8 @@ class AmaliaIngress:
             yield _sse(oai.error_body("the stream was interrupted", "server_error"))
         finally:
             stream.cancel()
-            if caller is not None:  # what was generated, also for a stream cut short
-                self.metrics.record_api_key_tokens(caller, last.prompt_tokens, last.output_tokens)
+            if key_name is not None:  # what was generated, also for a stream cut short
+                self.metrics.record_api_key_tokens(key_name, last.prompt_tokens, last.output_tokens)
             span.set_status_code(200 if status == 499 else status)
             span.end()
             self.metrics.record_request(model, status, time.monotonic() - started, decision.reason.value)
