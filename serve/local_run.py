@@ -114,14 +114,18 @@ def stop_local_ray(serve_stop_s: float = SERVE_STOP_S, ray_stop_s: float = RAY_S
 
     Serve's own shutdown waits up to each replica's graceful_shutdown_timeout_s (20 s by default) for
     requests in flight, and a replica's engine may start processes of its own; a developer's Ctrl-C
-    should wait for neither. Returns the pids that outlived both bounds and were killed.
+    should wait for neither. Returns the pids that were still running at the end and were killed.
     """
     import ray
     from ray import serve
 
     started = process_tree(os.getpid())  # before the stop: orphans leave the tree once Ray's die
-    _call_within(serve_stop_s, serve.shutdown)
-    _call_within(ray_stop_s, ray.shutdown)
+    # ray.shutdown() only once Serve's thread is out of Ray: under a thread still inside it, Ray's
+    # core worker ends this process at once ("The core worker has already been shutdown", exit 1;
+    # seen with vLLM replicas draining streams), before the survivors below are killed. Otherwise
+    # every process is killed in one pass, too fast for that exit to come in between.
+    if _call_within(serve_stop_s, serve.shutdown):
+        _call_within(ray_stop_s, ray.shutdown)
     return kill_survivors({**started, **process_tree(os.getpid())})
 
 
