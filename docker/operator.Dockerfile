@@ -13,4 +13,6 @@ RUN pip install --no-cache-dir "kopf>=1.44,<2" "kubernetes>=31" "pydantic>=2.10,
 
 ENV PYTHONPATH=/opt/amalia-operator PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
 USER 1000:100
+# `docker run IMAGE run -n NS` runs the operator; `docker run IMAGE rollout status NAME -n NS` steers one.
 ENTRYPOINT ["python", "-m", "amalia_operator"]
+CMD ["run"]

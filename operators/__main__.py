@@ -1,4 +1,8 @@
-"""`python -m amalia_operator`: run the ModelRollout operator (all namespaces unless narrowed)."""
+"""`amalia-operator` (also `python -m amalia_operator`): run the ModelRollout operator, or steer a rollout.
+
+    amalia-operator run [-n NS]... [--standalone] [--peering NAME] [--liveness URL] [-v]
+    amalia-operator rollout status|promote|abort|retry NAME [-n NS]
+"""
 
 from __future__ import annotations
 
@@ -6,16 +10,11 @@ import argparse
 import logging
 import sys
 
-import kopf
-
 from amalia_operator.constants import TICK_INTERVAL_S
 from amalia_operator.rbac import PEERING_NAME
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="amalia-operator", description="Drive ModelRollout canaries on KubeRay RayServices."
-    )
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "-n",
         "--namespace",
@@ -40,15 +39,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="Serve a liveness probe, e.g. http://0.0.0.0:8080/healthz.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="Debug logs.")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="amalia-operator",
+        description="Drive ModelRollout canaries on KubeRay RayServices.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_run_arguments(sub.add_parser("run", help="run the operator (all namespaces unless narrowed)"))
+    # Listed for --help only: main() hands `rollout ...` to amalia_operator.cli, which owns its flags.
+    sub.add_parser("rollout", help="inspect and steer a ModelRollout: status|promote|abort|retry NAME")
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # Here, not at the top: `amalia-operator rollout` needs neither kopf nor the handlers.
+    import kopf
+
     import amalia_operator.handlers  # noqa: F401  (registers the handlers with kopf)
 
     scope = ", ".join(args.namespace) if args.namespace else "all namespaces"
@@ -66,6 +78,15 @@ def main(argv: list[str] | None = None) -> int:
         liveness_endpoint=args.liveness,
     )
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["rollout"]:
+        from amalia_operator import cli
+
+        return int(cli.main(argv[1:]))
+    return run(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 Actions are requests, not commands: the CLI sets the `serving.amalia.pt/action` annotation and the
 operator carries it out on its next tick (and removes the annotation), exactly as `kubectl annotate`
-would. The lead wires this module as `amalia-serve rollout ...`.
+would. Reached as `amalia-operator rollout ...` (operators/__main__.py).
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def _default_namespace() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="amalia-serve rollout", description="Inspect or steer a ModelRollout."
+        prog="amalia-operator rollout", description="Inspect or steer a ModelRollout."
     )
     parser.add_argument("command", choices=["status", *ACTIONS])
     parser.add_argument("name", help="ModelRollout name")

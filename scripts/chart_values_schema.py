@@ -227,6 +227,18 @@ def values_schema() -> Schema:
                                 "readyTimeoutS": number(0, exclusive=True),
                             }
                         ),
+                        "apiKeys": obj(
+                            {
+                                "existingSecret": {
+                                    "type": "string",
+                                    "description": "Secret with the API key file; empty: keys off.",
+                                    "pattern": "^$|" + K8S_NAME,
+                                },
+                                "secretKey": string(pattern=r"^[-._a-zA-Z0-9]+$"),
+                                "required": {"type": "boolean"},
+                                "reloadIntervalS": number(0, exclusive=True),
+                            }
+                        ),
                     },
                     required=("modelAlias",),
                 ),

@@ -13,6 +13,7 @@ from pydantic import BaseModel
 
 from amalia_serve.config import (
     AmaliaServingArgs,
+    AuthConfig,
     CallerRule,
     DeploymentOptions,
     EngineConfig,
@@ -29,6 +30,7 @@ MODELS: list[tuple[type[BaseModel], str]] = [
     (EngineConfig, "`engine` of a variant"),
     (DeploymentOptions, "`deployment` of a variant, `ingress.deployment`"),
     (IngressConfig, "`ingress` of the front application"),
+    (AuthConfig, "`ingress.auth` of the front application"),
     (MeshConfig, "`ingress.mesh`: the service mesh and the caller identity"),
     (CallerRule, "an entry of `ingress.mesh.allowed_callers`"),
     (RoutingConfig, "`user_config` of the `AmaliaIngress` deployment (live) and `routing` (initial)"),

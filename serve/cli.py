@@ -1,4 +1,4 @@
-"""`amalia-serve`: demo checkpoints, a local server, live weights, and the operator's commands."""
+"""`amalia-serve`: demo checkpoints, a local server and live weights (the operator has `amalia-operator`)."""
 
 from __future__ import annotations
 
@@ -40,8 +40,6 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ray import serve
-
     from amalia_serve import local_run
     from amalia_serve.config import AmaliaServingArgs
 
@@ -63,12 +61,13 @@ def _run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass
     finally:
-        print("shutting down", file=sys.stderr)
-        serve.shutdown()
-        import ray
-
-        ray.shutdown()
-        print("stopped", file=sys.stderr, flush=True)
+        print("shutting down", file=sys.stderr, flush=True)
+        # The stop is bounded; a second Ctrl-C would only cut it short and leave processes behind.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        killed = local_run.stop_local_ray()
+        note = f" ({len(killed)} processes outlived the stop and were killed)" if killed else ""
+        print(f"stopped{note}", file=sys.stderr, flush=True)
     # Everything started is stopped; skip interpreter teardown, where Ray's core worker can abort the
     # process after a signal (seen with 2.60: make reported "Aborted" after a clean shutdown).
     os._exit(0)
@@ -91,25 +90,17 @@ def _weights(args: argparse.Namespace) -> int:
     return 0
 
 
-def _operator(argv: list[str]) -> int:
-    from amalia_operator.__main__ import main
-
-    return main(argv)
-
-
-def _rollout(argv: list[str]) -> int:
-    from amalia_operator.cli import main
-
-    return main(argv)
+# Commands that moved to the operator's own console script: amalia_serve never imports amalia_operator,
+# so the serving image and the operator image each carry only their own dependencies.
+MOVED_COMMANDS = {"operator": "amalia-operator run", "rollout": "amalia-operator rollout"}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    # The operator's own parsers own their flags.
-    if argv[:1] == ["operator"]:
-        return _operator(argv[1:])
-    if argv[:1] == ["rollout"]:
-        return _rollout(argv[1:])
+    if argv[:1] and argv[0] in MOVED_COMMANDS:
+        print(f"`amalia-serve {argv[0]}` moved: use `{MOVED_COMMANDS[argv[0]]}` with the same arguments",
+              file=sys.stderr)  # fmt: skip
+        return 2
 
     parser = argparse.ArgumentParser(prog="amalia-serve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -139,8 +130,6 @@ def main(argv: list[str] | None = None) -> int:
     capacity_report.add_arguments(plan)
     plan.set_defaults(func=capacity_report.run)
 
-    sub.add_parser("operator", help="run the ModelRollout operator (see `amalia-serve operator --help`)")
-    sub.add_parser("rollout", help="inspect and steer ModelRollouts: status | promote | abort NAME")
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -221,6 +221,42 @@ class RoutingConfig(AmaliaModel):
         return weights
 
 
+class AuthConfig(AmaliaModel):
+    """Bearer API keys on the OpenAI routes (`/v1/...`, `/routing`); off unless a key source is set.
+
+    `/healthz`, `/readyz` and `/openapi.json` stay open. See amalia_serve.api_keys for the format.
+    """
+
+    keys_file: str | None = Field(
+        None,
+        min_length=1,
+        description="File of API keys, a YAML map `name: key` (one per line; JSON works too), e.g. a "
+        "mounted Kubernetes Secret. Re-read when it changes, no restart; a bad version is refused and "
+        "the keys before it stay.",
+    )
+    keys_env: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="Name of an env var holding keys in the same format; read once at start.",
+    )
+    required: bool = Field(
+        True,
+        description="Refuse requests without a valid key (401). false lets them through, counted as "
+        "`anonymous`, while callers move to keys.",
+    )
+    reload_interval_s: float = Field(
+        5.0, gt=0, description="Seconds between checks of `keys_file` for changes (one stat per check)."
+    )
+
+    @model_validator(mode="after")
+    def _required_needs_a_source(self) -> AuthConfig:
+        if "required" in self.model_fields_set and self.required and not self.enabled:
+            raise ValueError("auth.required needs keys_file or keys_env; without them no key is checked")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.keys_file is not None or self.keys_env is not None
 MeshProvider = Literal["none", "istio", "istio-ambient", "linkerd"]
 K8S_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 # A ServiceAccount name is a DNS subdomain: labels joined by dots.
@@ -298,6 +334,7 @@ class IngressConfig(AmaliaModel):
     )
     max_request_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Larger bodies get HTTP 413.")
     ready_timeout_s: float = Field(2.0, gt=0, description="How long /readyz waits for each variant.")
+    auth: AuthConfig = Field(default_factory=AuthConfig, description="API keys (see AuthConfig).")
     mesh: MeshConfig = Field(
         default_factory=MeshConfig,
         description="Service mesh and caller identity (see MeshConfig); off by default.",

@@ -1,6 +1,7 @@
 """The OpenAI-compatible front door: HTTP request -> validation -> route decision -> variant handle -> response.
 
-Status codes: 400 malformed JSON or a request the engine refuses (context overflow, ...), 403 a caller that
+Status codes: 400 malformed JSON or a request the engine refuses (context overflow, ...), 401 no valid API key
+(when `ingress.auth` configures keys; `/healthz` and `/readyz` stay open), 403 a caller that
 `ingress.mesh.allowed_callers` does not list, 404 unknown model or route, 413 body too large, 422 a body that
 breaks the request schema (wrong type, empty messages, max_tokens < 1), 429 a variant's queue is full, 503 no
 variant replica can take the request. Every error has OpenAI's shape.
@@ -29,6 +30,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from amalia_serve import openai_schema as oai
+from amalia_serve.api_keys import UNAUTHORIZED, ApiKeyStore, AuthenticationFailed
 from amalia_serve.caller_identity import (
     UNIDENTIFIED,
     CallerGate,
@@ -51,18 +53,19 @@ logger = logging.getLogger(f"ray.serve.{__name__}")  # lands in the replica logs
 class ApiError(Exception):
     def __init__(
         self, status: int, message: str, error_type: str = "invalid_request_error",
-        param: str | None = None, code: str | None = None,
+        param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None,
     ) -> None:  # fmt: skip
         super().__init__(message)
         self.status, self.message, self.error_type, self.param, self.code = (
             status, message, error_type, param, code,
         )  # fmt: skip
+        self.headers = headers or {}
 
     def response(self, headers: dict[str, str] | None = None) -> JSONResponse:
         return JSONResponse(
             oai.error_body(self.message, self.error_type, self.param, self.code),
             status_code=self.status,
-            headers=headers,
+            headers={**self.headers, **(headers or {})},
         )
 
 
@@ -134,6 +137,8 @@ class AmaliaIngress:
         self.routing_error: str | None = None
         self.rng = random.Random()
         self.metrics = IngressMetrics()
+        # None when no key source is configured: every route is open.
+        self.api_keys = ApiKeyStore.from_config(args.ingress.auth, logger)
         self.callers = CallerGate(args.ingress.mesh)
         if self.callers.enabled:
             install_caller_log_field()
@@ -176,6 +181,23 @@ class AmaliaIngress:
             handle = self.streams[variant] = base.options(stream=True)
         return handle
 
+    def _authenticate(self, request: Request) -> str | None:
+        """The caller's API key name (api_keys.ANONYMOUS if keys are not required), None if keys are off.
+
+        Counted and logged by name only; a refusal is OpenAI's 401 (its SDK raises AuthenticationError).
+        """
+        if self.api_keys is None:
+            return None
+        try:
+            name: str = self.api_keys.authenticate(request.headers.get("authorization"))
+        except AuthenticationFailed as exc:
+            self.metrics.record_api_key_request(UNAUTHORIZED)
+            client = request.client.host if request.client else "?"
+            logger.info("401 %s %s from %s: %s", request.method, request.url.path, client, type(exc).__name__)
+            raise ApiError(401, str(exc), code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}) from None
+        self.metrics.record_api_key_request(name)
+        return name
+
     @property
     def weights(self) -> dict[str, int]:
         return self.split.weights if self.split is not None else {}
@@ -208,12 +230,14 @@ class AmaliaIngress:
         )
 
     @api.get("/routing")
-    async def routing(self) -> dict[str, Any]:
+    async def routing(self, request: Request) -> dict[str, Any]:
         """The live split and, when the last weights were refused, why."""
+        self._authenticate(request)
         return {"model": self.args.model_alias, "weights": self.weights, "error": self.routing_error}
 
     @api.get("/v1/models")
     async def models(self, request: Request) -> dict[str, Any]:
+        self._authenticate(request)
         self._admit(request)
         return oai.model_list([self.args.model_alias, *self.variant_names])
 
@@ -232,11 +256,12 @@ class AmaliaIngress:
         decision: RouteDecision | None = None
         with server_span(request.url.path, request.method, extract_carrier(request.headers)) as span:
             try:
+                key_name = self._authenticate(request)
                 caller = self._admit(request)
                 body = await self._parse(request, operation)
                 decision = self._route(body, request, caller)
                 span.set_route(decision.variant, decision.reason.value)
-                response = await self._generate(body, decision, operation, started, span)
+                response = await self._generate(body, decision, operation, started, span, key_name)
             except ApiError as exc:
                 response = exc.response({VARIANT_HEADER: decision.variant} if decision else None)
             if isinstance(response, StreamingResponse):
@@ -321,6 +346,7 @@ class AmaliaIngress:
         operation: Operation,
         started: float,
         span: ServerSpan,
+        key_name: str | None,
     ) -> Response:
         rid = ("chatcmpl-" if operation == "chat" else "cmpl-") + uuid.uuid4().hex
         generation = GenerationRequest(
@@ -349,7 +375,7 @@ class AmaliaIngress:
         self.metrics.record_first_token(decision.variant, time.monotonic() - started)
         headers = {VARIANT_HEADER: decision.variant}
         if body.stream:
-            events = self._stream_events(body, decision, operation, rid, first, stream, started, span)
+            events = self._stream_events(body, decision, operation, rid, first, stream, started, span, key_name)
             return StreamingResponse(events, media_type="text/event-stream", headers=headers)
         text, last = [first.text], first
         while last.finish_reason is None:  # the final output ends it; no wait for end-of-stream
@@ -360,6 +386,8 @@ class AmaliaIngress:
             last = item
             text.append(last.text)
         stream.cancel()
+        if key_name is not None:
+            self.metrics.record_api_key_tokens(key_name, last.prompt_tokens, last.output_tokens)
         used = oai.usage(last.prompt_tokens, last.output_tokens)
         if operation == "chat":
             payload = oai.chat_completion(rid, decision.variant, "".join(text), last.finish_reason, used)
@@ -379,13 +407,14 @@ class AmaliaIngress:
         stream: Any,
         started: float,
         span: ServerSpan,
+        key_name: str | None,
     ) -> AsyncIterator[bytes]:
         model, created = decision.variant, int(time.time())
         status = 200
+        last = first
         try:
             if operation == "chat":
                 yield _sse(oai.chat_chunk(rid, model, created, {"role": "assistant", "content": ""}, None))
-            last = first
             while True:
                 if last.text or last.finish_reason:
                     yield _sse(self._chunk(operation, rid, model, created, last))
@@ -416,6 +445,8 @@ class AmaliaIngress:
             yield _sse(oai.error_body("the stream was interrupted", "server_error"))
         finally:
             stream.cancel()
+            if key_name is not None:  # what was generated, also for a stream cut short
+                self.metrics.record_api_key_tokens(key_name, last.prompt_tokens, last.output_tokens)
             span.set_status_code(200 if status == 499 else status)
             span.end()
             self.metrics.record_request(model, status, time.monotonic() - started, decision.reason.value)

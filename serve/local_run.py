@@ -10,7 +10,10 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import signal
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +104,106 @@ def start_local_ray(
         log_to_driver=log_to_driver,
         _metrics_export_port=metrics_export_port,
     )
+
+
+# How long a stop waits for Serve to stop its replicas gracefully (an engine frees its memory) and then
+# for Ray to stop its processes; what still runs after both is killed. Ctrl-C on `make run` must be
+# done within 10 s; process exit takes about 1 s on top (measured in tests/integration/test_run_interrupt.py).
+SERVE_STOP_S = 3.0
+RAY_STOP_S = 4.0
+
+
+def stop_local_ray(serve_stop_s: float = SERVE_STOP_S, ray_stop_s: float = RAY_STOP_S) -> list[int]:
+    """Stop Serve and the local Ray cluster this process started, in bounded time.
+
+    Serve's own shutdown waits up to each replica's graceful_shutdown_timeout_s (20 s by default) for
+    requests in flight, and a replica's engine may start processes of its own; a developer's Ctrl-C
+    should wait for neither. Returns the pids that were still running at the end and were killed.
+    """
+    import ray
+    from ray import serve
+
+    started = process_tree(os.getpid())  # before the stop: orphans leave the tree once Ray's die
+    # ray.shutdown() only once Serve's thread is out of Ray: under a thread still inside it, Ray's
+    # core worker ends this process at once ("The core worker has already been shutdown", exit 1;
+    # seen with vLLM replicas draining streams), before the survivors below are killed. Otherwise
+    # every process is killed in one pass, too fast for that exit to come in between.
+    if _call_within(serve_stop_s, serve.shutdown):
+        _call_within(ray_stop_s, ray.shutdown)
+    return kill_survivors({**started, **process_tree(os.getpid())})
+
+
+def kill_survivors(processes: dict[int, int]) -> list[int]:
+    """SIGKILL each process of `processes` (pid -> start time, from process_tree) still running.
+
+    A pid whose start time changed belongs to a later process and is left alone.
+    """
+    killed = []
+    for pid, start in processes.items():
+        if is_running(pid, start):
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            except ProcessLookupError:
+                pass
+    return sorted(killed)
+
+
+def _call_within(seconds: float, stop: Callable[[], None]) -> bool:
+    """Run `stop` in a daemon thread and wait at most `seconds`; False when it did not finish."""
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            stop()
+        except Exception:  # a failed stop is logged; the next step still runs
+            logger.exception("%s failed", getattr(stop, "__qualname__", stop))
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name=f"stop-{getattr(stop, '__name__', 'ray')}", daemon=True).start()
+    finished = done.wait(seconds)
+    if not finished:
+        logger.warning("%s did not finish within %.0f s", getattr(stop, "__qualname__", stop), seconds)
+    return finished
+
+
+def process_tree(root: int) -> dict[int, int]:
+    """pid -> start time of every descendant of `root`, from /proc (Linux; empty elsewhere).
+
+    The start time tells a process from a later one that reuses its pid.
+    """
+    children: dict[int, list[tuple[int, int]]] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        stat = _stat(int(entry.name))
+        if stat is not None:
+            children.setdefault(stat[0], []).append((int(entry.name), stat[1]))
+    tree: dict[int, int] = {}
+    frontier = [root]
+    while frontier:
+        for pid, start in children.get(frontier.pop(), []):
+            tree[pid] = start
+            frontier.append(pid)
+    return tree
+
+
+def _stat(pid: int) -> tuple[int, int] | None:
+    """(parent pid, start time in clock ticks) of a live process, None if it is gone or a zombie."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces and parentheses; the fields after its last ")" do not.
+    fields = text[text.rindex(")") + 2 :].split()
+    if fields[0] == "Z":
+        return None
+    return int(fields[1]), int(fields[19])
+
+
+def is_running(pid: int, start: int) -> bool:
+    """Whether the process that had `start` time (process_tree) still runs under `pid`."""
+    stat = _stat(pid)
+    return stat is not None and stat[1] == start
 
 
 def deploy_config(config: dict[str, Any]) -> None:

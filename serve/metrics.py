@@ -38,6 +38,9 @@ KV_CACHE_USAGE = "amalia_kv_cache_usage_ratio"
 PREFIX_CACHE_QUERIES = "amalia_prefix_cache_queries"
 PREFIX_CACHE_HITS = "amalia_prefix_cache_hits"
 PREEMPTIONS = "amalia_preemptions"
+# Per API key (label api_key = the key's name, never the key; see amalia_serve.api_keys).
+API_KEY_REQUESTS = "amalia_api_key_requests"
+API_KEY_TOKENS = "amalia_api_key_tokens"
 
 # Bucket bounds in seconds. TTFT spans a warm short prompt (~10 ms) to a long prefill behind a
 # queue; 2.0 is a bound because the default rollout analysis gates on p95 TTFT <= 2 s, and
@@ -71,6 +74,8 @@ HISTOGRAM_BOUNDARIES: dict[str, tuple[float, ...]] = {
 VARIANT_TAG = "variant"
 STATUS_CLASS_TAG = "status_class"
 ROUTE_REASON_TAG = "route_reason"
+API_KEY_TAG = "api_key"
+TOKEN_KIND_TAG = "kind"
 # The calling workload's mesh identity, `namespace/serviceaccount` (amalia_serve.caller_identity).
 CALLER_TAG = "caller"
 
@@ -85,6 +90,8 @@ EXPORTED_METRIC_NAMES: frozenset[str] = frozenset().union(
     _exported(CALLER_REQUESTS, "_total"),
     _exported(PROMPT_TOKENS, "_total"),
     _exported(OUTPUT_TOKENS, "_total"),
+    _exported(API_KEY_REQUESTS, "_total"),
+    _exported(API_KEY_TOKENS, "_total"),
     _exported(PREFIX_CACHE_QUERIES, "_total"),
     _exported(PREFIX_CACHE_HITS, "_total"),
     _exported(PREEMPTIONS, "_total"),
@@ -138,6 +145,18 @@ class IngressMetrics:
         # Callers are as few as the ServiceAccounts the mesh lets in: cached the same way.
         self._caller_tags: dict[tuple[str, str, int], dict[str, str]] = {}
         self._variant_tags: dict[str, dict[str, str]] = {}
+        self._key_requests = Counter(
+            API_KEY_REQUESTS,
+            description="Requests by API key name (`anonymous`: no key and none required; "
+            "`unauthorized`: refused with 401).",
+            tag_keys=(API_KEY_TAG,),
+        )
+        self._key_tokens = Counter(
+            API_KEY_TOKENS,
+            description="Tokens by API key name and kind (prompt, output).",
+            tag_keys=(API_KEY_TAG, TOKEN_KIND_TAG),  # type: ignore[arg-type]
+        )
+        self._key_tags: dict[tuple[str, str], dict[str, str]] = {}
 
     def record_request(
         self, variant: str, status_code: int, latency_s: float, route_reason: str
@@ -168,6 +187,24 @@ class IngressMetrics:
     def record_first_token(self, variant: str, ttft_s: float) -> None:
         """User-visible TTFT: measured at the ingress, so it includes routing and queueing."""
         self._ttft.observe(ttft_s, self._tags_of(variant))
+
+    def record_api_key_request(self, key_name: str) -> None:
+        self._key_requests.inc(1, self._key_tags_of(key_name, ""))
+
+    def record_api_key_tokens(self, key_name: str, prompt_tokens: int, output_tokens: int) -> None:
+        # Ray counters refuse increments <= 0 (a request cut short may have generated nothing).
+        if prompt_tokens > 0:
+            self._key_tokens.inc(prompt_tokens, self._key_tags_of(key_name, "prompt"))
+        if output_tokens > 0:
+            self._key_tokens.inc(output_tokens, self._key_tags_of(key_name, "output"))
+
+    def _key_tags_of(self, key_name: str, kind: str) -> dict[str, str]:
+        """Tags per (key name, token kind); kind "" is the request counter's, which has no kind."""
+        tags = self._key_tags.get((key_name, kind))
+        if tags is None:
+            tags = {API_KEY_TAG: key_name, **({TOKEN_KIND_TAG: kind} if kind else {})}
+            self._key_tags[(key_name, kind)] = tags
+        return tags
 
     def _tags_of(self, variant: str) -> dict[str, str]:
         tags = self._variant_tags.get(variant)

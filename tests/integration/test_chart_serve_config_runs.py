@@ -1,7 +1,8 @@
 """The serveConfigV2 the chart renders for production runs on a real (local) Ray Serve and answers.
 
 Only what a laptop cannot have is changed: checkpoints become the tiny demo models, GPUs are
-stripped, CPUs shrink, and the proxy listens on a free loopback port. The config is deployed the way
+stripped, CPUs shrink, the proxy listens on a free loopback port, and the API key file the chart
+mounts from a Secret is a local file. The config is deployed the way
 KubeRay does it (a ServeDeploySchema through the Serve controller), so the production layout (a
 front application plus one application per variant) and the `deployments` override that carries
 the live weights are exercised too. Then the chart's own `helm test` script runs
@@ -32,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "amalia"
 HELM = ROOT / ".tools" / "bin" / "helm3"
 PRODUCTION = CHART / "ci" / "production-gpu-values.yaml"
+API_KEY = "sk-amalia-" + "e5" * 16
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
 
@@ -56,15 +58,19 @@ def free_port() -> int:
         return port
 
 
-def for_laptop(config: dict[str, Any], checkpoints: dict[str, str], port: int) -> dict[str, Any]:
+def for_laptop(
+    config: dict[str, Any], checkpoints: dict[str, str], port: int, keys_file: Path
+) -> dict[str, Any]:
     """The production layout with laptop resources: each variant application gets a demo
     checkpoint, half a CPU instead of a GPU and the CPU engine's sizes (its context, a KV cache in
-    bytes rather than a share of the host's memory); the front application one ingress replica."""
+    bytes rather than a share of the host's memory); the front application one ingress replica and
+    a local API key file in place of the mounted Secret."""
     local = copy.deepcopy(config)
     local["http_options"] = {"host": "127.0.0.1", "port": port}
     front, *variants = local["applications"]
     assert front["import_path"] == "amalia_serve.app:build_app"
     front["args"]["ingress"]["deployment"]["num_replicas"] = 1
+    front["args"]["ingress"]["auth"]["keys_file"] = str(keys_file)
     for app in variants:
         assert app["import_path"] == "amalia_serve.app:build_variant_app"
         app["args"]["model_path"] = checkpoints[app["args"]["name"]]
@@ -85,6 +91,10 @@ class Served(NamedTuple):
     config: dict[str, Any]  # as rendered
     local: dict[str, Any]  # as deployed (for_laptop)
     checkpoints: dict[str, str]
+    keys_file: Path
+
+
+HEADERS = {"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"}
 
 
 @pytest.fixture(scope="module")
@@ -95,16 +105,18 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     from amalia_serve.local_run import deploy_config, start_local_ray, wait_until_running
 
     sft, dpo = write_demo_models(tmp_path_factory.mktemp("models"))
+    keys_file = tmp_path_factory.mktemp("api-keys") / "keys.yaml"
+    keys_file.write_text(f"helm-test: {API_KEY}\n", encoding="utf-8")
     rayservice = next(o for o in render("--values", str(PRODUCTION)) if o["kind"] == "RayService")
     config = yaml.safe_load(rayservice["spec"]["serveConfigV2"])
     port = free_port()
     checkpoints = {"amalia-sft": str(sft), "amalia-dpo": str(dpo)}
-    local = for_laptop(config, checkpoints, port)
+    local = for_laptop(config, checkpoints, port, keys_file)
     start_local_ray(num_cpus=2, dashboard=False)
     try:
         deploy_config(local)
         wait_until_running([app["name"] for app in local["applications"]], timeout_s=300)
-        yield Served(f"http://127.0.0.1:{port}", config, local, checkpoints)
+        yield Served(f"http://127.0.0.1:{port}", config, local, checkpoints, keys_file)
     finally:
         serve.shutdown()
         import ray
@@ -116,14 +128,11 @@ def test_rendered_serve_config_answers_chat_when_deployed_on_ray_serve(
     served: Served,
 ) -> None:
     url = served.url
-    listing = json.load(urllib.request.urlopen(f"{url}/v1/models", timeout=30))
+    models = urllib.request.Request(f"{url}/v1/models", headers=HEADERS)
+    listing = json.load(urllib.request.urlopen(models, timeout=30))
     assert {m["id"] for m in listing["data"]} == {"amalia", "amalia-sft", "amalia-dpo"}
     body = {"model": "amalia", "max_tokens": 4, "messages": [{"role": "user", "content": "Olá!"}]}
-    request = urllib.request.Request(
-        f"{url}/v1/chat/completions",
-        json.dumps(body).encode(),
-        {"Content-Type": "application/json"},
-    )
+    request = urllib.request.Request(f"{url}/v1/chat/completions", json.dumps(body).encode(), HEADERS)
     with urllib.request.urlopen(request, timeout=120) as response:
         reply = json.load(response)
         assert response.headers["x-amalia-variant"] in {"amalia-sft", "amalia-dpo"}
@@ -134,16 +143,18 @@ def test_chart_helm_test_pod_passes_when_run_against_served_config(
     served: Served,
 ) -> None:
     url = served.url
-    script, env = helm_test_script(render())
+    script, env = helm_test_script(render("--values", str(PRODUCTION)))
+    assert env["AMALIA_API_KEYS_FILE"]  # the production values turn API keys on
     result = subprocess.run(
         [sys.executable, "-c", script],
         capture_output=True,
         text=True,
         timeout=180,
-        env={**os.environ, **env, "AMALIA_URL": url},
+        env={**os.environ, **env, "AMALIA_URL": url, "AMALIA_API_KEYS_FILE": str(served.keys_file)},
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+    assert "without a key: 401; using key helm-test" in result.stdout
     assert "variant: amalia-" in result.stdout
 
 
@@ -178,11 +189,7 @@ def replica_ids() -> dict[str, set[str]]:
 
 def post_chat(url: str, model: str) -> str:
     body = {"model": model, "max_tokens": 2, "messages": [{"role": "user", "content": "Olá!"}]}
-    request = urllib.request.Request(
-        f"{url}/v1/chat/completions",
-        json.dumps(body).encode(),
-        {"Content-Type": "application/json"},
-    )
+    request = urllib.request.Request(f"{url}/v1/chat/completions", json.dumps(body).encode(), HEADERS)
     with urllib.request.urlopen(request, timeout=120) as response:
         variant: str = response.headers["x-amalia-variant"]
         return variant

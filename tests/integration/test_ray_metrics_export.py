@@ -41,6 +41,9 @@ INGRESS_PLAN: dict[str, list[Any]] = {
         [DPO, 429, 0.02, "header"],
     ],
     "first_token": [[SFT, 0.12], [SFT, 2.4], [DPO, 0.06]],
+    "api_key_requests": ["team-a", "team-a", "unauthorized"],
+    # The second request was cut short before any output: that token kind must not count.
+    "api_key_tokens": [["team-a", 11, 7], ["team-a", 5, 0]],
     # Mesh callers; the last one was refused before routing, so it has no variant.
     "callers": [
         ["team-a/chat", SFT, 200],
@@ -94,6 +97,10 @@ class IngressRecorder:
             self._metrics.record_request(variant, status, latency, reason)
         for variant, ttft in body["ingress"]["first_token"]:
             self._metrics.record_first_token(variant, ttft)
+        for key_name in body["ingress"]["api_key_requests"]:
+            self._metrics.record_api_key_request(key_name)
+        for key_name, prompt, output in body["ingress"]["api_key_tokens"]:
+            self._metrics.record_api_key_tokens(key_name, prompt, output)
         for caller, variant, status in body["ingress"]["callers"]:
             self._metrics.record_caller(caller, variant, status)
         for variant, handle in self._variants.items():
@@ -141,7 +148,7 @@ def metrics_url() -> Iterator[str]:
             ray.shutdown()
 
 
-_KEPT_LABELS = ("variant", "status_class", "route_reason", "le", "deployment", "caller")
+_KEPT_LABELS = ("variant", "status_class", "route_reason", "le", "deployment", "caller", "api_key", "kind")
 Series = tuple[str, tuple[tuple[str, str], ...]]
 
 
@@ -197,6 +204,14 @@ def _expected() -> dict[Series, float]:
             route_reason=reason,
         )
         out[key] += 1
+    for key_name in INGRESS_PLAN["api_key_requests"]:
+        out[_series(m.EXPORT_PREFIX + m.API_KEY_REQUESTS + "_total", deployment=ingress, api_key=key_name)] += 1
+    for key_name, prompt, output in INGRESS_PLAN["api_key_tokens"]:
+        for kind, tokens in (("prompt", prompt), ("output", output)):
+            if tokens:
+                key = _series(m.EXPORT_PREFIX + m.API_KEY_TOKENS + "_total", deployment=ingress,
+                              api_key=key_name, kind=kind)  # fmt: skip
+                out[key] += tokens
     for caller, variant, status in INGRESS_PLAN["callers"]:
         # Ray exports an empty tag as variant="" (a Prometheus server then drops the label).
         labels = {"deployment": ingress, "caller": caller, "status_class": f"{status // 100}xx"}
@@ -253,8 +268,11 @@ def test_exported_metrics_carry_recorded_values_when_scraped_from_ray(metrics_ur
     assert _mismatches(expected, scraped) == {}
     amalia_names = {name for name, _ in scraped if name.startswith("ray_amalia_")}
     assert amalia_names == m.EXPORTED_METRIC_NAMES
+    per_key = {m.EXPORT_PREFIX + m.API_KEY_REQUESTS + "_total", m.EXPORT_PREFIX + m.API_KEY_TOKENS + "_total"}
     for name, labels in scraped:
-        if name.startswith("ray_amalia_"):
+        if name in per_key:
+            assert dict(labels)["api_key"] in ("team-a", "unauthorized"), (name, labels)
+        elif name.startswith("ray_amalia_"):
             refused = dict(labels).get("caller") == "unidentified"
             assert dict(labels)["variant"] in (("",) if refused else (SFT, DPO)), (name, labels)
 

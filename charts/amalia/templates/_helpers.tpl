@@ -129,6 +129,11 @@ sorted keys whatever the values hold.
 {{- $ing := .Values.serve.ingress }}
 {{- $ingressDeployment := dict "num_replicas" $ing.replicas "max_ongoing_requests" $ing.maxOngoingRequests "ray_actor_options" (dict "num_cpus" $ing.cpus) }}
 {{- $ingress := dict "deployment" $ingressDeployment "max_request_bytes" $ing.maxRequestBytes "ready_timeout_s" $ing.readyTimeoutS }}
+{{- with .Values.serve.apiKeys }}
+{{- if .existingSecret }}
+{{- $_ := set $ingress "auth" (dict "keys_file" (include "amalia-serve.apiKeysFile" $) "required" .required "reload_interval_s" .reloadIntervalS) }}
+{{- end }}
+{{- end }}
 {{- if ne .Values.mesh.provider "none" }}
 {{- $_ := set $ingress "mesh" (include "amalia-serve.ingressMesh" . | fromJson) }}
 {{- end }}
@@ -214,6 +219,34 @@ RAY_AUTH_MODE is absent on purpose: KubeRay sets it from rayCluster.auth.mode.
   mountPath: /tmp
 - name: dshm
   mountPath: /dev/shm
+{{- end }}
+
+{{/*
+API keys (serve.apiKeys): the Secret as a volume of every Ray pod, since an ingress replica may land
+on the head or on any worker. A whole-Secret mount, never subPath: the kubelet updates it by
+swapping a `..data` symlink, which the ingress notices; a subPath mount never changes.
+*/}}
+{{- define "amalia-serve.apiKeysDir" -}}/etc/amalia/api-keys{{- end }}
+
+{{- define "amalia-serve.apiKeysFile" -}}
+{{- printf "%s/%s" (include "amalia-serve.apiKeysDir" .) .Values.serve.apiKeys.secretKey }}
+{{- end }}
+
+{{- define "amalia-serve.apiKeysVolume" -}}
+{{- with .Values.serve.apiKeys.existingSecret -}}
+- name: api-keys
+  secret:
+    secretName: {{ . }}
+    defaultMode: 0440
+{{- end }}
+{{- end }}
+
+{{- define "amalia-serve.apiKeysMount" -}}
+{{- if .Values.serve.apiKeys.existingSecret -}}
+- name: api-keys
+  mountPath: {{ include "amalia-serve.apiKeysDir" . }}
+  readOnly: true
+{{- end }}
 {{- end }}
 
 {{/* Volume holding the checkpoints; read-only unless the chart fills it itself. */}}

@@ -138,9 +138,13 @@ def test_operator_is_absent_when_disabled() -> None:
 
 
 def test_operator_runs_package_module_when_enabled() -> None:
+    from amalia_operator.__main__ import build_parser
+
     deployment = one(render("helm3"), "Deployment")
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
     assert container["command"] == ["python", "-m", "amalia_operator"]
+    args = build_parser().parse_args(container["args"])  # the operator's own parser accepts them
+    assert args.command == "run" and args.liveness == "http://0.0.0.0:8080/healthz"
 
 
 def test_dashboard_config_map_holds_each_dashboard_when_enabled() -> None:

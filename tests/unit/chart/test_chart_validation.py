@@ -8,7 +8,7 @@ from typing import Any
 import jsonschema
 import kubernetes_validate
 import pytest
-from chart_helpers import CHART, SHARED, VALUES_FILES, by_kind, crd_schema, render
+from chart_helpers import CHART, VALUES_FILES, by_kind, crd_schema, render, shared_file
 
 KUBERNETES_VERSION = "1.33.0"
 CUSTOM_KINDS = {
@@ -58,7 +58,8 @@ def validate_custom(obj: dict[str, Any], schema: dict[str, Any]) -> None:
 
 @pytest.fixture(scope="module")
 def rayservice_schema() -> dict[str, Any]:
-    return crd_schema(SHARED / "kuberay-crds" / "ray.io_rayservices.yaml", "v1")
+    path = shared_file("kuberay-crds/ray.io_rayservices.yaml", "KubeRay v1.7.0's RayService CRD")
+    return crd_schema(path, "v1")
 
 
 @pytest.mark.parametrize("values", sorted(VALUES_FILES))
