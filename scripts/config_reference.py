@@ -13,6 +13,7 @@ from pydantic import BaseModel
 
 from amalia_serve.config import (
     AmaliaServingArgs,
+    AutoscalingOptions,
     DeploymentOptions,
     EngineConfig,
     IngressConfig,
@@ -26,6 +27,7 @@ MODELS: list[tuple[type[BaseModel], str]] = [
     (VariantConfig, "`args` of a variant application (`import_path: amalia_serve.app:build_variant_app`)"),
     (EngineConfig, "`engine` of a variant"),
     (DeploymentOptions, "`deployment` of a variant, `ingress.deployment`"),
+    (AutoscalingOptions, "`autoscaling_config` of a `deployment` (see docs/autoscaling.md)"),
     (IngressConfig, "`ingress` of the front application"),
     (RoutingConfig, "`user_config` of the `AmaliaIngress` deployment (live) and `routing` (initial)"),
 ]
