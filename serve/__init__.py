@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
 
 def __getattr__(name: str) -> Any:
-    # Ray and torch load only when the app or the engine is asked for; the config models stay light to import.
+    # Ray loads only when the app is asked for; the config models and the engine interface stay light to import.
     if name == "build_app":
         from amalia_serve.app import build_app
 

@@ -34,7 +34,7 @@ from typing import Any
 from ray.serve import Application
 
 from amalia_serve.config import AmaliaServingArgs, VariantConfig
-from amalia_serve.constants import INGRESS_DEPLOYMENT_NAME
+from amalia_serve.constants import DEFAULT_ENGINE_CLS, ENGINE_CLS, INGRESS_DEPLOYMENT_NAME
 from amalia_serve.ingress import AmaliaIngress
 from amalia_serve.variant import VariantServer
 
@@ -54,4 +54,8 @@ def build_app(args: dict[str, Any] | AmaliaServingArgs) -> Application:
 def build_variant_app(args: dict[str, Any] | VariantConfig) -> Application:
     """One variant as its own application; name the application after the variant."""
     variant = args if isinstance(args, VariantConfig) else VariantConfig.model_validate(args)
+    if ENGINE_CLS == DEFAULT_ENGINE_CLS:
+        from amalia_serve.vllm_engine import check_engine_args
+
+        check_engine_args(variant.engine)
     return VariantServer.options(name=variant.name, **variant.deployment.serve_options()).bind(variant)

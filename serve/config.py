@@ -33,19 +33,69 @@ class AmaliaModel(BaseModel):
         return cls.from_yaml(Path(path).read_text(encoding="utf-8"))
 
 
-class EngineConfig(AmaliaModel):
-    """How one variant's engine loads its checkpoint and schedules requests."""
+# Quantization methods of vLLM that make sense for a Llama-architecture AMALIA checkpoint: a quantized checkpoint
+# directory names its method in config.json (awq, gptq, compressed-tensors, ...), `fp8` also quantizes bf16
+# weights on the fly on Hopper/Ada GPUs. tests/unit/serve/test_vllm_engine.py checks each against vLLM.
+Quantization = Literal[
+    "fp8", "awq", "awq_marlin", "gptq", "gptq_marlin", "compressed-tensors", "bitsandbytes", "modelopt",
+    "torchao", "fbgemm_fp8",
+]  # fmt: skip
 
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Weights dtype; `auto` is bfloat16 on a GPU and float32 on the CPU."
-    )
-    device: str = Field("auto", description="`auto` (cuda when present, else cpu), `cpu`, `cuda`, `cuda:1`.")
-    max_batch_size: int = Field(16, ge=1, le=1024, description="Requests decoded together in one step.")
-    max_queue_size: int = Field(
-        64, ge=0, description="Requests waiting for a batch slot before new ones get HTTP 429."
+# Engine arguments amalia-serve sets itself: the loading path of a sovereign cluster (local safetensors, no remote
+# code) and the names the metrics and the API use. `engine_args` may not override them.
+OWNED_ENGINE_ARGS = frozenset({
+    "model", "tokenizer", "served_model_name", "trust_remote_code", "load_format", "download_dir",
+    "disable_log_stats", "revision", "tokenizer_revision", "hf_token", "hf_overrides",
+})  # fmt: skip
+
+
+class EngineConfig(AmaliaModel):
+    """One variant's vLLM engine: vLLM's own engine arguments (same names), plus what amalia-serve adds."""
+
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Weights and activations dtype; `auto` takes the checkpoint's (bfloat16 for AMALIA)."
     )
     max_model_len: int | None = Field(
         None, ge=16, description="Context window in tokens; defaults to the checkpoint's max_position_embeddings."
+    )
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, description="Fraction of GPU memory vLLM may use for weights, activations and KV cache. "
+        "On vLLM's CPU build it is a fraction of the host's memory: set kv_cache_memory_bytes there instead."
+    )
+    kv_cache_memory_bytes: int | None = Field(
+        None, ge=1 << 20, description="KV-cache size in bytes; when set, gpu_memory_utilization does not size it."
+    )
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs one replica shards the model over.")
+    max_num_seqs: int | None = Field(
+        None, ge=1, description="Requests decoded together in one step; null takes vLLM's default for the device."
+    )
+    max_num_batched_tokens: int | None = Field(
+        None, ge=16, description="Tokens scheduled per engine step (prefill chunks + decodes); null: vLLM's default."
+    )
+    enable_prefix_caching: bool = Field(
+        True, description="Reuse the KV cache of shared prompt prefixes (system prompt, earlier turns)."
+    )
+    enable_chunked_prefill: bool | None = Field(
+        None, description="Split long prefills so they do not stall decoding; null: vLLM's default (on)."
+    )
+    kv_cache_dtype: Literal["auto", "bfloat16", "fp8", "fp8_e4m3", "fp8_e5m2"] = Field(
+        "auto", description="KV-cache dtype; fp8 halves KV memory per token (Hopper/Ada GPUs)."
+    )
+    quantization: Quantization | None = Field(
+        None, description="Weight quantization: null reads it from the checkpoint's config.json; `fp8` quantizes "
+        "bf16 weights on the fly on Hopper/Ada GPUs."
+    )
+    enforce_eager: bool = Field(
+        False, description="Skip CUDA graphs / torch.compile: faster start, slower decode. For tests."
+    )
+    engine_args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Any other vLLM engine argument (AsyncEngineArgs field), passed through as given. Checked "
+        "against the installed vLLM when the variant application is built.",
+    )
+    max_pending_requests: int | None = Field(
+        None, ge=1, description="Requests a replica's engine holds (running + waiting) before new ones get HTTP "
+        "429; null is twice the batch size (max_num_seqs)."
     )
     default_max_tokens: int = Field(
         512, ge=1, description="max_tokens when a request gives none (capped by the free context)."
@@ -55,12 +105,25 @@ class EngineConfig(AmaliaModel):
         description="System message prepended to chats that have none; null turns it off. AMALIA invents "
         "personas without one.",
     )
-    torch_threads: int | None = Field(
-        None, ge=1, description="torch intra-op threads on CPU; defaults to the replica's num_cpus."
+    stream_interval_ms: float = Field(
+        50.0, ge=0, description="After the first token, a stream sends what accumulated at most this often: "
+        "fewer, larger messages across the DeploymentHandle (0 sends every engine output)."
     )
-    max_prefill_tokens: int = Field(
-        4096, ge=16, description="Prompt tokens admitted into one prefill step, so long prompts do not stall decode."
+    start_timeout_s: float = Field(
+        1800.0, gt=0, description="Seconds the engine may take to load the checkpoint and start (a replica "
+        "that takes longer fails and Serve retries it)."
     )
+
+    @field_validator("engine_args")
+    @classmethod
+    def _pass_through_only(cls, engine_args: dict[str, Any]) -> dict[str, Any]:
+        typed = sorted(set(engine_args) & set(cls.model_fields))
+        if typed:
+            raise ValueError(f"engine_args {typed}: set these as engine fields of their own, not in engine_args")
+        owned = sorted(set(engine_args) & OWNED_ENGINE_ARGS)
+        if owned:
+            raise ValueError(f"engine_args {owned}: amalia-serve sets these itself (model path, offline loading)")
+        return engine_args
 
 
 class AutoscalingOptions(AmaliaModel, PolicyKnobs):

@@ -18,7 +18,8 @@ DEFAULT_SYSTEM_PROMPT = (
 
 # Escape hatch (as Ray Serve LLM's RAYLLM_VLLM_ENGINE_CLS): "module:Class" of another engine with the same
 # interface, e.g. the benchmark's one-request-at-a-time baseline.
-ENGINE_CLS = os.getenv("AMALIA_ENGINE_CLS", "amalia_serve.engine:Engine")
+DEFAULT_ENGINE_CLS = "amalia_serve.vllm_engine:VLLMEngine"
+ENGINE_CLS = os.getenv("AMALIA_ENGINE_CLS", DEFAULT_ENGINE_CLS)
 
 # Demo checkpoints written by `amalia-serve demo-models`.
 DEMO_SFT_DIRNAME = "amalia-sft-demo"

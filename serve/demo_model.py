@@ -96,6 +96,7 @@ def _write_tiny_llama(out_dir: Path, seed: int) -> None:
     # A wider init than the default makes sampling from the tiny model visibly seed-dependent.
     with torch.no_grad():
         model.lm_head.weight.normal_(0.0, 0.5)
+    model = model.to(torch.bfloat16)  # AMALIA's checkpoints are bf16; vLLM's CPU build runs it natively
     model.generation_config = GenerationConfig(
         eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id, do_sample=True
     )

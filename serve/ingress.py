@@ -57,6 +57,14 @@ class ApiError(Exception):
         )
 
 
+class VariantFailed(Exception):
+    """The variant reported a failure after the stream had started (its engine died, say)."""
+
+    def __init__(self, failure: GenerationFailure) -> None:
+        super().__init__(failure.message)
+        self.failure = failure
+
+
 api = FastAPI(
     title="amalia-serve",
     description="OpenAI-compatible API for AMALIA model variants",
@@ -308,7 +316,11 @@ class AmaliaIngress:
             return StreamingResponse(events, media_type="text/event-stream", headers=headers)
         text, last = [first.text], first
         while last.finish_reason is None:  # the final output ends it; no wait for end-of-stream
-            last = await anext(stream)
+            item = await anext(stream)
+            if isinstance(item, GenerationFailure):
+                stream.cancel()
+                raise ApiError(item.status, item.message, item.error_type, item.param, item.code)
+            last = item
             text.append(last.text)
         stream.cancel()
         used = oai.usage(last.prompt_tokens, last.output_tokens)
@@ -342,7 +354,10 @@ class AmaliaIngress:
                     yield _sse(self._chunk(operation, rid, model, created, last))
                 if last.finish_reason is not None:
                     break
-                last = await anext(stream)
+                item = await anext(stream)
+                if isinstance(item, GenerationFailure):
+                    raise VariantFailed(item)
+                last = item
             if body.include_usage_in_stream:
                 obj = "chat.completion.chunk" if operation == "chat" else "text_completion"
                 used = oai.usage(last.prompt_tokens, last.output_tokens)
@@ -352,6 +367,11 @@ class AmaliaIngress:
             status = 499  # client closed the connection (nginx's convention)
             span.record_error(exc)
             raise
+        except VariantFailed as exc:
+            status = exc.failure.status
+            span.record_error(exc)
+            logger.error("stream from variant %s failed: %s", model, exc.failure.message)
+            yield _sse(oai.error_body(exc.failure.message, exc.failure.error_type, code=exc.failure.code))
         except Exception as exc:
             status = 500
             span.record_error(exc)

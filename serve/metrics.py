@@ -21,16 +21,22 @@ from ray.serve.metrics import Counter, Gauge, Histogram
 # tests/integration/test_ray_metrics_export.py proves all of this on a live Ray.
 EXPORT_PREFIX = "ray_"
 
+# Ingress: what a caller sees.
 REQUESTS = "amalia_requests"
 REQUEST_LATENCY = "amalia_request_latency_seconds"
 TIME_TO_FIRST_TOKEN = "amalia_time_to_first_token_seconds"
+# Engine: what vLLM reports after each of its steps (serve/vllm_engine.py feeds these).
+ENGINE_TIME_TO_FIRST_TOKEN = "amalia_engine_time_to_first_token_seconds"
 INTER_TOKEN_LATENCY = "amalia_inter_token_latency_seconds"
 QUEUE_WAIT = "amalia_queue_wait_seconds"
 PROMPT_TOKENS = "amalia_prompt_tokens"
 OUTPUT_TOKENS = "amalia_output_tokens"
 RUNNING_REQUESTS = "amalia_running_requests"
 WAITING_REQUESTS = "amalia_waiting_requests"
-BATCH_SIZE = "amalia_batch_size"
+KV_CACHE_USAGE = "amalia_kv_cache_usage_ratio"
+PREFIX_CACHE_QUERIES = "amalia_prefix_cache_queries"
+PREFIX_CACHE_HITS = "amalia_prefix_cache_hits"
+PREEMPTIONS = "amalia_preemptions"
 
 # Bucket bounds in seconds. TTFT spans a warm short prompt (~10 ms) to a long prefill behind a
 # queue; 2.0 is a bound because the default rollout analysis gates on p95 TTFT <= 2 s, and
@@ -51,16 +57,14 @@ REQUEST_LATENCY_BUCKETS_S = (
 QUEUE_WAIT_BUCKETS_S = (
     0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0,
 )  # fmt: skip
-# Powers of two up to EngineConfig.max_batch_size's ceiling of 1024.
-BATCH_SIZE_BUCKETS = tuple(float(2**i) for i in range(11))
 
 # Every histogram's bucket bounds, by metric name: the constructors and the export test read them.
 HISTOGRAM_BOUNDARIES: dict[str, tuple[float, ...]] = {
     REQUEST_LATENCY: REQUEST_LATENCY_BUCKETS_S,
     TIME_TO_FIRST_TOKEN: TTFT_BUCKETS_S,
+    ENGINE_TIME_TO_FIRST_TOKEN: TTFT_BUCKETS_S,
     INTER_TOKEN_LATENCY: INTER_TOKEN_BUCKETS_S,
     QUEUE_WAIT: QUEUE_WAIT_BUCKETS_S,
-    BATCH_SIZE: BATCH_SIZE_BUCKETS,
 }
 
 VARIANT_TAG = "variant"
@@ -77,8 +81,12 @@ EXPORTED_METRIC_NAMES: frozenset[str] = frozenset().union(
     _exported(REQUESTS, "_total"),
     _exported(PROMPT_TOKENS, "_total"),
     _exported(OUTPUT_TOKENS, "_total"),
+    _exported(PREFIX_CACHE_QUERIES, "_total"),
+    _exported(PREFIX_CACHE_HITS, "_total"),
+    _exported(PREEMPTIONS, "_total"),
     _exported(RUNNING_REQUESTS, ""),
     _exported(WAITING_REQUESTS, ""),
+    _exported(KV_CACHE_USAGE, ""),
     *(_exported(name, *_HISTOGRAM_SUFFIXES) for name in HISTOGRAM_BOUNDARIES),
 )
 
@@ -145,69 +153,96 @@ class IngressMetrics:
 
 
 class VariantMetrics:
-    """Engine-side metrics of one variant replica; the variant label is bound at construction."""
+    """Engine-side metrics of one variant replica; the variant label is bound at construction.
+
+    vLLM reports once per engine step, from the replica's event loop (its output handler): `record_step` takes
+    that report already unpacked, so this module stays free of vLLM's types.
+    """
 
     def __init__(self, variant: str) -> None:
         keys = (VARIANT_TAG,)
-        self._queue_wait = Histogram(
-            QUEUE_WAIT,
-            description="Seconds a request waited in the engine queue before its prefill started.",
-            boundaries=list(HISTOGRAM_BOUNDARIES[QUEUE_WAIT]),
+        self._engine_ttft = Histogram(
+            ENGINE_TIME_TO_FIRST_TOKEN,
+            description="Seconds from a request's arrival at the engine to its first token (no routing, no "
+            "network: compare with amalia_time_to_first_token_seconds for the overhead in front).",
+            boundaries=list(HISTOGRAM_BOUNDARIES[ENGINE_TIME_TO_FIRST_TOKEN]),
             tag_keys=keys,
         )
         self._inter_token = Histogram(
             INTER_TOKEN_LATENCY,
-            description="Seconds between consecutive output tokens of a request (one observation "
-            "per streamed delta, valued at the delta's mean gap per token).",
+            description="Seconds between consecutive output tokens of a request, as the engine produced them.",
             boundaries=list(HISTOGRAM_BOUNDARIES[INTER_TOKEN_LATENCY]),
             tag_keys=keys,
         )
+        self._queue_wait = Histogram(
+            QUEUE_WAIT,
+            description="Seconds a finished request waited in the engine's queue before it was first scheduled.",
+            boundaries=list(HISTOGRAM_BOUNDARIES[QUEUE_WAIT]),
+            tag_keys=keys,
+        )
         self._prompt_tokens = Counter(
-            PROMPT_TOKENS, description="Prompt tokens prefilled.", tag_keys=keys
+            PROMPT_TOKENS, description="Prompt tokens prefilled (prefix-cache hits included).", tag_keys=keys
         )
         self._output_tokens = Counter(OUTPUT_TOKENS, description="Tokens generated.", tag_keys=keys)
+        self._prefix_queries = Counter(
+            PREFIX_CACHE_QUERIES, description="Prompt tokens looked up in the prefix cache.", tag_keys=keys
+        )
+        self._prefix_hits = Counter(
+            PREFIX_CACHE_HITS, description="Prompt tokens found in the prefix cache (not recomputed).",
+            tag_keys=keys,
+        )  # fmt: skip
+        self._preemptions = Counter(
+            PREEMPTIONS, description="Requests preempted because the KV cache ran out (recomputed later).",
+            tag_keys=keys,
+        )  # fmt: skip
         self._running = Gauge(
             RUNNING_REQUESTS, description="Requests in the engine's running batch.", tag_keys=keys
         )
         self._waiting = Gauge(
-            WAITING_REQUESTS, description="Requests queued for a batch slot.", tag_keys=keys
+            WAITING_REQUESTS, description="Requests queued in the engine for a batch slot.", tag_keys=keys
         )
-        self._batch_size = Histogram(
-            BATCH_SIZE,
-            description="Requests decoded together per engine step.",
-            boundaries=list(HISTOGRAM_BOUNDARIES[BATCH_SIZE]),
-            tag_keys=keys,
+        self._kv_cache_usage = Gauge(
+            KV_CACHE_USAGE, description="Fraction of the engine's KV-cache blocks in use (0..1).", tag_keys=keys
         )
         for metric in (
-            self._queue_wait, self._inter_token, self._prompt_tokens, self._output_tokens,
-            self._running, self._waiting, self._batch_size,
+            self._engine_ttft, self._inter_token, self._queue_wait, self._prompt_tokens, self._output_tokens,
+            self._prefix_queries, self._prefix_hits, self._preemptions, self._running, self._waiting,
+            self._kv_cache_usage,
         ):  # fmt: skip
             # Serve adds its deployment/replica tags into the dict it is given: one dict each.
             metric.set_default_tags({VARIANT_TAG: variant})
 
-    def record_queue_wait(self, seconds: float) -> None:
-        self._queue_wait.observe(seconds)
+    def set_load(self, running: int, waiting: int, kv_cache_usage: float) -> None:
+        self._running.set(running)
+        self._waiting.set(waiting)
+        self._kv_cache_usage.set(kv_cache_usage)
 
-    def record_inter_token(self, seconds: float, tokens: int = 1) -> None:
-        """``tokens`` tokens arrived ``seconds`` after the previous delta of the same request.
+    def record_prefix_cache(self, queries: int, hits: int) -> None:
+        # Ray counters refuse increments <= 0.
+        if queries > 0:
+            self._prefix_queries.inc(queries)
+        if hits > 0:
+            self._prefix_hits.inc(hits)
 
-        One observation of the mean gap, not ``tokens`` observations: a coalesced delta is one
-        event on the hot path, and Ray histograms take no weight. Quantiles are therefore over
-        deltas; with one token per decode step (the common case) that is the same as over tokens.
-        """
-        if tokens > 0:
-            self._inter_token.observe(seconds / tokens)
-
-    def record_tokens(self, prompt_tokens: int, output_tokens: int) -> None:
-        # Ray counters refuse increments <= 0 (an aborted request may have generated nothing).
+    def record_step(
+        self,
+        prompt_tokens: int,
+        output_tokens: int,
+        preemptions: int,
+        ttfts_s: list[float],
+        inter_token_s: list[float],
+        queue_waits_s: list[float],
+    ) -> None:
+        """One engine step's tokens, preemptions and per-request latencies."""
         if prompt_tokens > 0:
             self._prompt_tokens.inc(prompt_tokens)
         if output_tokens > 0:
             self._output_tokens.inc(output_tokens)
-
-    def set_load(self, running: int, waiting: int) -> None:
-        self._running.set(running)
-        self._waiting.set(waiting)
-
-    def record_batch_size(self, size: int) -> None:
-        self._batch_size.observe(size)
+        if preemptions > 0:
+            self._preemptions.inc(preemptions)
+        for seconds in ttfts_s:
+            self._engine_ttft.observe(seconds)
+        for seconds in inter_token_s:
+            self._inter_token.observe(seconds)
+        for seconds in queue_waits_s:
+            self._queue_wait.observe(seconds)

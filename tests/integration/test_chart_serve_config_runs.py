@@ -24,6 +24,9 @@ from typing import Any, NamedTuple
 
 import pytest
 import yaml
+from serve_harness import DEMO_ENGINE
+
+from amalia_serve.demo_model import DEMO_CONTEXT
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "amalia"
@@ -55,7 +58,8 @@ def free_port() -> int:
 
 def for_laptop(config: dict[str, Any], checkpoints: dict[str, str], port: int) -> dict[str, Any]:
     """The production layout with laptop resources: each variant application gets a demo
-    checkpoint and half a CPU instead of a GPU; the front application one ingress replica."""
+    checkpoint, half a CPU instead of a GPU and the CPU engine's sizes (its context, a KV cache in
+    bytes rather than a share of the host's memory); the front application one ingress replica."""
     local = copy.deepcopy(config)
     local["http_options"] = {"host": "127.0.0.1", "port": port}
     front, *variants = local["applications"]
@@ -65,6 +69,7 @@ def for_laptop(config: dict[str, Any], checkpoints: dict[str, str], port: int) -
         assert app["import_path"] == "amalia_serve.app:build_variant_app"
         app["args"]["model_path"] = checkpoints[app["args"]["name"]]
         app["args"]["deployment"]["ray_actor_options"] = {"num_cpus": 0.5}
+        app["args"]["engine"].update(DEMO_ENGINE, max_model_len=DEMO_CONTEXT)
     return local
 
 

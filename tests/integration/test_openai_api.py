@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,7 +25,7 @@ CHAT = [{"role": "user", "content": "Olá! Fala-me de Lisboa."}]
 @pytest.fixture(scope="module")
 def served(demo_checkpoints: tuple[Path, Path]) -> Iterator[RunningServe]:
     sft, dpo = demo_checkpoints
-    with running_serve(demo_app_config(sft, dpo, free_port(), max_queue_size=2)) as running:
+    with running_serve(demo_app_config(sft, dpo, free_port(), max_num_seqs=2, max_pending_requests=3)) as running:
         yield running
 
 
@@ -46,7 +48,7 @@ def engine_stats(variant: str) -> dict[str, object]:
     from ray import serve
 
     stats = serve.get_deployment_handle(variant, app_name=variant).stats.remote().result(timeout_s=30)
-    return {"running": stats.running, "waiting": stats.waiting, "cancelled": stats.cancelled}
+    return {"unfinished": stats.unfinished, "aborted": stats.aborted}
 
 
 # ---- happy paths --------------------------------------------------------------------------------------------
@@ -194,9 +196,37 @@ def test_client_disconnect_mid_stream_frees_engine_slot(served: RunningServe) ->
     with httpx.stream("POST", f"{served.base_url}/v1/chat/completions", json=body, timeout=60) as response:
         lines = response.iter_lines()
         assert next(line for line in lines if line.startswith("data:"))
-        assert engine_stats("amalia-sft")["running"] == 1
+        assert engine_stats("amalia-sft")["unfinished"] == 1
     deadline = time.monotonic() + 10
-    while engine_stats("amalia-sft")["running"] != 0:
+    while engine_stats("amalia-sft")["unfinished"] != 0:
         assert time.monotonic() < deadline, "engine slot still held 10 s after the client went away"
         time.sleep(0.1)
-    assert engine_stats("amalia-sft")["cancelled"] == before["cancelled"] + 1  # type: ignore[operator]
+    assert engine_stats("amalia-sft")["aborted"] == before["aborted"] + 1  # type: ignore[operator]
+
+
+def test_variant_answers_429_in_openai_shape_when_its_engine_is_full(served: RunningServe) -> None:
+    """The module's variants run 2 requests and hold 3 (max_pending_requests); a 4th is refused at once."""
+    body = {"model": "amalia-dpo", "messages": [{"role": "user", "content": "Olá"}], "max_tokens": 1500,
+            "temperature": 0, "stream": True}  # fmt: skip
+    release = threading.Event()
+
+    def hold_a_stream() -> int:
+        with httpx.stream("POST", f"{served.base_url}/v1/chat/completions", json=body, timeout=120) as response:
+            release.wait(60)
+            return response.status_code
+
+    with ThreadPoolExecutor(3) as pool:
+        held = [pool.submit(hold_a_stream) for _ in range(3)]
+        try:
+            deadline = time.monotonic() + 30
+            while engine_stats("amalia-dpo")["unfinished"] < 3:
+                assert time.monotonic() < deadline, "3 requests never reached the engine"
+                time.sleep(0.05)
+            refused = httpx.post(f"{served.base_url}/v1/chat/completions", json={**body, "stream": False},
+                                 timeout=60)  # fmt: skip
+        finally:
+            release.set()
+        assert [f.result() for f in held] == [200, 200, 200]
+    assert refused.status_code == 429, refused.text
+    error = refused.json()["error"]
+    assert (error["type"], error["code"]) == ("rate_limit_error", "engine_queue_full")

@@ -44,19 +44,19 @@ INGRESS_PLAN: dict[str, list[Any]] = {
 }
 VARIANT_PLANS: dict[str, dict[str, list[Any]]] = {
     SFT: {
-        "queue_wait": [0.02, 0.3],
-        "inter_token": [[0.06, 3], [0.035, 1]],
-        # The second request was aborted before any output: it must not raise or count.
-        "tokens": [[11, 7], [5, 0]],
-        "load": [[4, 9], [3, 2]],
-        "batch_size": [3, 5, 6],
+        # One engine step each: prompt and output tokens, preemptions, then per-request latencies.
+        # The second step's tokens are all zero (an aborted request): it must not raise or count.
+        "steps": [
+            [11, 7, 1, [0.12], [0.02, 0.035], [0.02, 0.3]],
+            [0, 0, 0, [], [], []],
+        ],
+        "prefix_cache": [[40, 32], [9, 0]],
+        "load": [[4, 9, 0.62], [3, 2, 0.41]],
     },
     DPO: {
-        "queue_wait": [0.007],
-        "inter_token": [[0.09, 2]],
-        "tokens": [[13, 21]],
-        "load": [[1, 0]],
-        "batch_size": [1],
+        "steps": [[13, 21, 0, [2.4], [0.045], [0.007]]],
+        "prefix_cache": [[13, 0]],
+        "load": [[1, 0, 0.07]],
     },
 }
 
@@ -67,16 +67,12 @@ class VariantRecorder:
         self._metrics = m.VariantMetrics(variant)
 
     def record(self, plan: dict[str, list[Any]]) -> None:
-        for seconds in plan["queue_wait"]:
-            self._metrics.record_queue_wait(seconds)
-        for seconds, tokens in plan["inter_token"]:
-            self._metrics.record_inter_token(seconds, tokens)
-        for prompt, output in plan["tokens"]:
-            self._metrics.record_tokens(prompt, output)
-        for running, waiting in plan["load"]:
-            self._metrics.set_load(running, waiting)
-        for size in plan["batch_size"]:
-            self._metrics.record_batch_size(size)
+        for prompt, output, preemptions, ttfts, gaps, waits in plan["steps"]:
+            self._metrics.record_step(prompt, output, preemptions, ttfts, gaps, waits)
+        for queries, hits in plan["prefix_cache"]:
+            self._metrics.record_prefix_cache(queries, hits)
+        for running, waiting, kv_usage in plan["load"]:
+            self._metrics.set_load(running, waiting, kv_usage)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})
@@ -199,17 +195,23 @@ def _expected() -> dict[Series, float]:
         _expect_histogram(out, m.TIME_TO_FIRST_TOKEN, ingress, variant, ttfts)
 
         plan, labels = VARIANT_PLANS[variant], {"deployment": variant, "variant": variant}
-        gaps = [seconds / tokens for seconds, tokens in plan["inter_token"]]
-        _expect_histogram(out, m.QUEUE_WAIT, variant, variant, plan["queue_wait"])
-        _expect_histogram(out, m.INTER_TOKEN_LATENCY, variant, variant, gaps)
-        _expect_histogram(out, m.BATCH_SIZE, variant, variant, plan["batch_size"])
-        prompt = _series(m.EXPORT_PREFIX + m.PROMPT_TOKENS + "_total", **labels)
-        output = _series(m.EXPORT_PREFIX + m.OUTPUT_TOKENS + "_total", **labels)
-        out[prompt] = sum(p for p, _ in plan["tokens"])
-        out[output] = sum(o for _, o in plan["tokens"])
-        running, waiting = plan["load"][-1]
+        steps = plan["steps"]
+        _expect_histogram(out, m.ENGINE_TIME_TO_FIRST_TOKEN, variant, variant, [t for s in steps for t in s[3]])
+        _expect_histogram(out, m.INTER_TOKEN_LATENCY, variant, variant, [g for s in steps for g in s[4]])
+        _expect_histogram(out, m.QUEUE_WAIT, variant, variant, [w for s in steps for w in s[5]])
+        for name, total in (
+            (m.PROMPT_TOKENS, sum(s[0] for s in steps)),
+            (m.OUTPUT_TOKENS, sum(s[1] for s in steps)),
+            (m.PREEMPTIONS, sum(s[2] for s in steps)),
+            (m.PREFIX_CACHE_QUERIES, sum(q for q, _ in plan["prefix_cache"])),
+            (m.PREFIX_CACHE_HITS, sum(h for _, h in plan["prefix_cache"])),
+        ):
+            if total:  # Ray exports a counter only once something was added to it
+                out[_series(m.EXPORT_PREFIX + name + "_total", **labels)] = total
+        running, waiting, kv_usage = plan["load"][-1]
         out[_series(m.EXPORT_PREFIX + m.RUNNING_REQUESTS, **labels)] = running
         out[_series(m.EXPORT_PREFIX + m.WAITING_REQUESTS, **labels)] = waiting
+        out[_series(m.EXPORT_PREFIX + m.KV_CACHE_USAGE, **labels)] = kv_usage
     return dict(out)
 
 

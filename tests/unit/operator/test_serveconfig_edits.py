@@ -53,7 +53,7 @@ SFT_APP = """\
     model_path: /models/AMALIA-9B-SFT
     engine:
       dtype: bfloat16
-      max_batch_size: 32
+      max_num_seqs: 32
     deployment:
       autoscaling_config: {min_replicas: 1, max_replicas: 4}
       ray_actor_options: {num_gpus: 1, num_cpus: 4}
@@ -64,7 +64,7 @@ CANARY = CanaryVariant.model_validate(
     {
         "name": "amalia-dpo",
         "modelPath": "/models/AMALIA-9B-DPO",
-        "engine": {"max_batch_size": 16},
+        "engine": {"max_num_seqs": 16},
         "deployment": {"autoscaling_config": {"max_replicas": 2}},
     }
 )
@@ -103,7 +103,7 @@ def test_add_canary_appends_application_from_stable_args_with_overrides_when_dep
         "args": {
             "name": "amalia-dpo",
             "model_path": "/models/AMALIA-9B-DPO",
-            "engine": {"dtype": "bfloat16", "max_batch_size": 16},
+            "engine": {"dtype": "bfloat16", "max_num_seqs": 16},
             "deployment": {
                 "autoscaling_config": {"min_replicas": 1, "max_replicas": 2},
                 "ray_actor_options": {"num_gpus": 1, "num_cpus": 4},

@@ -1,4 +1,4 @@
-"""Load a checkpoint the way a sovereign cluster needs it: local files only, safetensors only, no remote code.
+"""Check a checkpoint the way a sovereign cluster needs it: local files only, safetensors only, no remote code.
 
 A checkpoint is either a directory (a PVC mount) or a repository id found in the local Hugging Face cache
 (`HF_HOME`); nothing is ever downloaded. The demo checkpoints and a real AMALIA checkpoint take exactly this path.
@@ -10,9 +10,6 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-from amalia_serve.config import EngineConfig
 
 logger = logging.getLogger(__name__)
 
@@ -22,13 +19,9 @@ class CheckpointError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class LoadedModel:
-    model: Any  # transformers PreTrainedModel
-    tokenizer: Any  # transformers PreTrainedTokenizerBase
-    path: Path
-    device: str
-    dtype: str
-    max_model_len: int
+class CheckpointInfo:
+    path: Path  # the local directory the engine loads
+    max_position_embeddings: int | None  # the checkpoint's own context limit, when its config states one
 
 
 def resolve_checkpoint(model_path: str) -> Path:
@@ -52,28 +45,16 @@ def resolve_checkpoint(model_path: str) -> Path:
     raise CheckpointError(f"checkpoint directory {model_path!r} does not exist")
 
 
-def _pick_device(requested: str) -> str:
-    import torch
+def inspect_checkpoint(model_path: str) -> CheckpointInfo:
+    """Check that `model_path` holds a servable causal LM; raises CheckpointError naming the path and the problem.
 
-    if requested != "auto":
-        return requested
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _pick_dtype(requested: str, device: str) -> Any:
-    import torch
-
-    if requested == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    return getattr(torch, requested)
-
-
-def load_checkpoint(model_path: str, engine: EngineConfig) -> LoadedModel:
-    """Load model and tokenizer for serving; raises CheckpointError with the path on anything unservable."""
+    vLLM would fail on most of these too, but from inside its engine process and with a stack trace; this says it
+    first, in one line, before any engine process starts.
+    """
     # Set before transformers/huggingface_hub read it, so no code path can reach a hub.
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     path = resolve_checkpoint(model_path)
@@ -93,34 +74,6 @@ def load_checkpoint(model_path: str, engine: EngineConfig) -> LoadedModel:
             f"checkpoint {path} is a {config.model_type!r} model with architectures "
             f"{config.architectures}, not a causal language model"
         )
-
-    device = _pick_device(engine.device)
-    dtype = _pick_dtype(engine.dtype, device)
-    model = AutoModelForCausalLM.from_pretrained(
-        path,
-        config=config,
-        dtype=dtype,
-        use_safetensors=True,
-        local_files_only=True,
-        trust_remote_code=False,
-    ).to(device)
-    model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(
-        path, local_files_only=True, trust_remote_code=False, padding_side="left"
-    )
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    context = int(getattr(config, "max_position_embeddings", 0) or 0)
-    max_model_len = min(engine.max_model_len or context, context) if context else (engine.max_model_len or 4096)
-    logger.info(
-        "loaded %s (%s, %s on %s, context %d tokens)",
-        path, type(model).__name__, str(dtype).removeprefix("torch."), device, max_model_len,
-    )
-    return LoadedModel(
-        model=model,
-        tokenizer=tokenizer,
-        path=path,
-        device=device,
-        dtype=str(dtype).removeprefix("torch."),
-        max_model_len=max_model_len,
-    )
+    context = getattr(config, "max_position_embeddings", None)
+    logger.info("checkpoint %s: %s, context %s tokens", path, causal_class, context)
+    return CheckpointInfo(path=path, max_position_embeddings=int(context) if context else None)
