@@ -2,9 +2,9 @@
 
 Serve's stock policy counts ongoing requests per replica. For an LLM that count cannot tell 30
 short chats from 30 long generations, nor a replica with free batch slots from one whose KV cache
-is full. This policy asks the engines instead. Each variant replica reports four numbers (see
-"The replica's side" below); the policy turns them into three votes, each a replica count, and
-takes the largest:
+is full. This policy asks the engines instead. Each variant replica reports its running and
+waiting requests, its KV-cache usage and, when it knows it, its batch size (see "The replica's
+side" below); the policy turns them into three votes, each a replica count, and takes the largest:
 
 - ``waiting``: the requests waiting for a batch slot (in the engines, plus those queued at the
   callers' handles because every replica was at ``max_ongoing_requests``) beyond
@@ -16,7 +16,8 @@ takes the largest:
   so this vote scales up before vLLM starts preempting; it also says when fewer replicas would do.
 - ``batch_slots``: enough replicas for the requests running now to keep a batch slot each
   (``ceil(running / slots per replica)``). It holds replicas that are busy with many short
-  requests that use little KV cache, so removing one would only create a queue.
+  requests that use little KV cache, so removing one would only create a queue. Replicas that do
+  not report their batch size cast no such vote.
 
 When no running replica reported engine stats (they are starting, or their stats call fails),
 the policy falls back to Serve's own rule on ongoing requests: ``ceil(ongoing /
@@ -34,7 +35,7 @@ each key over ``look_back_period_s`` per replica, and hands the result to the po
     async def record_autoscaling_stats(self) -> dict[str, float]:
         stats = self.engine.stats()
         return replica_stats(running=stats.running, waiting=stats.waiting,
-                             kv_cache_usage=stats.kv_cache_usage, batch_slots=<max_num_seqs>)
+                             kv_cache_usage=stats.kv_cache_usage, batch_slots=<max_num_seqs or None>)
 
 Values must be ints or floats: Serve checks the first answer and, if any value is of another
 type, stops collecting custom stats for that replica for good.
@@ -59,21 +60,27 @@ WAITING = "amalia_engine_waiting"
 KV_CACHE_USAGE = "amalia_engine_kv_cache_usage"
 BATCH_SLOTS = "amalia_engine_batch_slots"
 STATS_KEYS = (RUNNING, WAITING, KV_CACHE_USAGE, BATCH_SLOTS)
+REQUIRED_KEYS = (RUNNING, WAITING, KV_CACHE_USAGE)
 
 # `ceil(1.0000000000000002)` is 2: ratios that are whole numbers up to float error stay whole.
 _EPS = 1e-9
 
 
 def replica_stats(
-    running: int, waiting: int, kv_cache_usage: float, batch_slots: int
+    running: int, waiting: int, kv_cache_usage: float, batch_slots: int | None
 ) -> dict[str, float]:
-    """What ``VariantServer.record_autoscaling_stats`` returns: one engine's load under fixed keys."""
-    return {
+    """What ``VariantServer.record_autoscaling_stats`` returns: one engine's load under fixed keys.
+
+    `batch_slots` is the engine's ``max_num_seqs``; None (not known) leaves its key out.
+    """
+    stats = {
         RUNNING: float(running),
         WAITING: float(waiting),
         KV_CACHE_USAGE: float(kv_cache_usage),
-        BATCH_SLOTS: float(batch_slots),
     }
+    if batch_slots is not None:
+        stats[BATCH_SLOTS] = float(batch_slots)
+    return stats
 
 
 class PolicyKnobs(BaseModel):
@@ -104,13 +111,16 @@ class ReplicaLoad:
     waiting: float
     kv_cache_usage: float
     batch_slots: float
+    """0 when the replica does not know its batch size."""
 
     @classmethod
     def from_stats(cls, stats: Mapping[str, float]) -> ReplicaLoad | None:
-        """None unless every key of `replica_stats` is there: a partial report is not trusted."""
-        if any(key not in stats for key in STATS_KEYS):
+        """None unless the running, waiting and KV-cache keys are all there: a partial report is
+        not trusted."""
+        if any(key not in stats for key in REQUIRED_KEYS):
             return None
-        return cls(stats[RUNNING], stats[WAITING], stats[KV_CACHE_USAGE], stats[BATCH_SLOTS])
+        slots = stats.get(BATCH_SLOTS, 0.0)
+        return cls(stats[RUNNING], stats[WAITING], stats[KV_CACHE_USAGE], slots)
 
 
 @dataclass(frozen=True)
@@ -194,8 +204,9 @@ def _signal_text(s: ScalingSignals, knobs: PolicyKnobs) -> str:
     return (
         f"waiting {s.waiting:.1f} (target {knobs.target_waiting_per_replica:g}/replica, "
         f"{s.handle_queued:.1f} at handles), KV cache {s.kv_cache_usage:.0%} "
-        f"(target {knobs.target_kv_cache_usage:.0%}), running {s.running:.1f} of "
-        f"{s.batch_slots:g} slots/replica; {reported}"
+        f"(target {knobs.target_kv_cache_usage:.0%}), running {s.running:.1f}"
+        + (f" of {s.batch_slots:g} slots/replica" if s.batch_slots else " (batch size unknown)")
+        + f"; {reported}"
     )
 
 

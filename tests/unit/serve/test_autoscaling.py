@@ -7,6 +7,7 @@ from pydantic import ValidationError
 
 from amalia_serve.autoscaling import (
     ENGINE_LOAD_POLICY,
+    BATCH_SLOTS,
     KV_CACHE_USAGE,
     STATS_KEYS,
     PolicyKnobs,
@@ -76,6 +77,12 @@ CASES = [
         2,
         Reason.BATCH_SLOTS,
         id="short-chats-in-full-batches-keep-their-replicas",
+    ),
+    pytest.param(
+        signals(load(16, 0, 0.05, slots=0), load(16, 0, 0.05, slots=0)),
+        1,
+        Reason.KV_CACHE,
+        id="unknown-batch-size-casts-no-slot-vote",
     ),
     pytest.param(
         signals(load(4, 0, 0.1), load(3, 0, 0.1), load(2, 0, 0.1)),
@@ -158,10 +165,16 @@ def test_replica_stats_round_trip_through_replica_load() -> None:
     assert ReplicaLoad.from_stats(stats) == load(3, 1, 0.25, 16)
 
 
-def test_replica_load_is_none_when_a_key_is_missing() -> None:
+def test_replica_load_is_none_when_a_required_key_is_missing() -> None:
     stats = replica_stats(running=3, waiting=1, kv_cache_usage=0.25, batch_slots=16)
     del stats[KV_CACHE_USAGE]
     assert ReplicaLoad.from_stats(stats) is None
+
+
+def test_replica_load_has_no_slots_when_batch_size_is_unknown() -> None:
+    stats = replica_stats(running=3, waiting=1, kv_cache_usage=0.25, batch_slots=None)
+    assert BATCH_SLOTS not in stats
+    assert ReplicaLoad.from_stats(stats) == load(3, 1, 0.25, 0)
 
 
 # === knobs and options ===
