@@ -41,8 +41,17 @@ DECISIONS = "amalia_autoscaling_decisions"
 EXPORTED_METRIC_NAMES = frozenset(
     {f"ray_{SIGNAL}", f"ray_{DESIRED_REPLICAS}", f"ray_{DECISIONS}_total"}
 )
-# Values of the `signal` label, one gauge series each.
-SIGNALS = ("waiting", "handle_queued", "running", "kv_cache_usage", "batch_slots", "ongoing")
+# Values of the `signal` label, one gauge series each; the targets sit next to what they bound.
+SIGNALS = (
+    "waiting",
+    "waiting_tolerated",
+    "handle_queued",
+    "running",
+    "batch_slots",
+    "kv_cache_usage",
+    "kv_cache_usage_target",
+    "ongoing",
+)
 
 
 def signals_from_context(ctx: AutoscalingContext) -> ScalingSignals:
@@ -74,8 +83,9 @@ class EngineLoadPolicy:
         self._last: tuple[int, str] | None = None
         self._signal = Gauge(
             SIGNAL,
-            description="What the autoscaling policy saw: waiting (engine queues plus handle queues), "
-            "handle_queued, running, kv_cache_usage (mean 0-1), batch_slots (per replica), ongoing.",
+            description="What the autoscaling policy saw, by `signal`: waiting (engine queues plus "
+            "handle queues beyond free batch slots) and waiting_tolerated (target x replicas), handle_queued, running, batch_slots "
+            "(per replica), kv_cache_usage (mean 0-1) and its target, ongoing (Serve's count).",
             tag_keys=("variant", "signal"),
         )
         self._desired = Gauge(
@@ -104,10 +114,12 @@ class EngineLoadPolicy:
     ) -> None:
         values = (
             signals.waiting,
+            self.knobs.target_waiting_per_replica * signals.current_replicas,
             signals.handle_queued,
             signals.running,
-            signals.kv_cache_usage,
             signals.batch_slots,
+            signals.kv_cache_usage,
+            self.knobs.target_kv_cache_usage,
             signals.ongoing,
         )
         for name, value in zip(SIGNALS, values, strict=True):

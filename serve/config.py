@@ -169,6 +169,13 @@ class AutoscalingOptions(AmaliaModel, PolicyKnobs):
     look_back_period_s: float = Field(
         30.0, gt=0, description="Window over which Serve averages each replica's reported load."
     )
+    metrics_interval_s: float | None = Field(
+        None,
+        gt=0,
+        description="Seconds between the load reports of replicas and handles to Serve's controller (Serve's "
+        "default 10 when null). Serve 2.60 marks it deprecated in favour of environment variables it does "
+        "not read yet, so it is still the knob; keep it below `look_back_period_s`.",
+    )
     upscaling_factor: float | None = Field(
         None, gt=0, description="Multiplies each upscale step (Serve's gain; 1 when unset)."
     )
@@ -178,6 +185,11 @@ class AutoscalingOptions(AmaliaModel, PolicyKnobs):
 
     @model_validator(mode="after")
     def _bounds(self) -> AutoscalingOptions:
+        interval = self.metrics_interval_s
+        if interval is not None and interval >= self.look_back_period_s:
+            raise ValueError(
+                f"metrics_interval_s {interval} must be below look_back_period_s {self.look_back_period_s}"
+            )
         if self.max_replicas < self.min_replicas:
             raise ValueError(f"max_replicas {self.max_replicas} is below min_replicas {self.min_replicas}")
         initial = self.initial_replicas

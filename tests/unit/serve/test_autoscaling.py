@@ -47,7 +47,9 @@ def signals(
 # === decide: one row per situation ===
 
 CASES = [
-    pytest.param(signals(load(1, 0, 0.02)), 1, Reason.KV_CACHE, id="one-stream-holds-one-replica"),
+    pytest.param(
+        signals(load(1, 0, 0.02), ongoing=1), 1, Reason.KV_CACHE, id="one-stream-holds-one-replica"
+    ),
     pytest.param(
         signals(load(0, 0, 0), load(0, 0, 0)), 1, Reason.IDLE, id="idle-falls-to-min-replicas"
     ),
@@ -55,49 +57,73 @@ CASES = [
         signals(load(0, 0, 0), bounds=(0, 2)), 0, Reason.IDLE, id="idle-scales-to-zero-when-min-0"
     ),
     pytest.param(
-        signals(load(16, 24, 0.3)), 3, Reason.WAITING, id="queue-beyond-target-adds-replicas"
+        signals(load(16, 24, 0.3), ongoing=40),
+        3,
+        Reason.WAITING,
+        id="queue-beyond-target-adds-replicas",
     ),
     pytest.param(
-        signals(load(16, 24, 0.3), bounds=(1, 2)), 2, Reason.WAITING, id="queue-bounded-by-max"
-    ),
-    pytest.param(
-        signals(load(10, 2, 0.2), load(10, 1, 0.2)),
+        signals(load(16, 24, 0.3), bounds=(1, 2), ongoing=40),
         2,
-        Reason.BATCH_SLOTS,
+        Reason.WAITING,
+        id="queue-bounded-by-max",
+    ),
+    pytest.param(
+        signals(load(16, 2, 0.2), ongoing=18),
+        1,
+        Reason.KV_CACHE,
         id="queue-within-tolerance-adds-nothing",
     ),
     pytest.param(
-        signals(load(4, 0, 0.9), load(4, 0, 0.9)),
+        signals(load(4, 0, 0.9), load(4, 0, 0.9), ongoing=8),
         3,
         Reason.KV_CACHE,
         id="long-generations-fill-kv-before-anyone-waits",
     ),
     pytest.param(
-        signals(load(16, 0, 0.05), load(16, 0, 0.05)),
+        signals(load(16, 0, 0.05), load(16, 0, 0.05), ongoing=32),
         2,
         Reason.BATCH_SLOTS,
         id="short-chats-in-full-batches-keep-their-replicas",
     ),
     pytest.param(
-        signals(load(16, 0, 0.05, slots=0), load(16, 0, 0.05, slots=0)),
+        signals(load(4, 0, 0.02, slots=8), load(4, 0, 0.02, slots=8), ongoing=15),
+        2,
+        Reason.BATCH_SLOTS,
+        id="requests-between-engine-and-caller-still-hold-slots",
+    ),
+    pytest.param(
+        signals(load(16, 0, 0.05, slots=0), load(16, 0, 0.05, slots=0), ongoing=32),
         1,
         Reason.KV_CACHE,
         id="unknown-batch-size-casts-no-slot-vote",
     ),
     pytest.param(
-        signals(load(4, 0, 0.1), load(3, 0, 0.1), load(2, 0, 0.1)),
+        signals(load(4, 0, 0.1), load(3, 0, 0.1), load(2, 0, 0.1), ongoing=9),
         1,
         Reason.KV_CACHE,
         id="light-load-on-three-replicas-needs-one",
     ),
     pytest.param(
-        signals(load(16, 0, 0.3), load(16, 0, 0.3), handle_queued=20),
+        signals(load(16, 0, 0.3), load(16, 0, 0.3), handle_queued=20, ongoing=52),
         3,
         Reason.WAITING,
         id="requests-queued-at-handles-count-as-waiting",
     ),
     pytest.param(
-        signals(load(16, 10, 0.3), current=2),
+        signals(load(0, 0, 0.0, slots=8), handle_queued=2, ongoing=2),
+        1,
+        Reason.BATCH_SLOTS,
+        id="backlog-of-a-cold-start-fits-the-free-slots",
+    ),
+    pytest.param(
+        signals(load(0, 0, 0.0, slots=0), handle_queued=4, ongoing=4),
+        3,
+        Reason.WAITING,
+        id="handle-queue-counts-whole-when-batch-size-unknown",
+    ),
+    pytest.param(
+        signals(load(16, 10, 0.3), current=2, ongoing=52),
         3,
         Reason.WAITING,
         id="replicas-without-stats-carry-the-mean-load",
@@ -113,13 +139,16 @@ CASES = [
     ),
     pytest.param(
         # 0.8 * 3 / 0.8 is 3.0000000000000004 in floats.
-        signals(load(4, 0, 0.8), load(4, 0, 0.8), load(4, 0, 0.8)),
+        signals(load(4, 0, 0.8), load(4, 0, 0.8), load(4, 0, 0.8), ongoing=12),
         3,
         Reason.KV_CACHE,
         id="replicas-at-the-kv-target-hold-their-count",
     ),
     pytest.param(
-        signals(load(8, 7, 0.9)), 2, Reason.WAITING, id="tie-between-votes-goes-to-waiting"
+        signals(load(8, 7, 0.9), ongoing=15),
+        2,
+        Reason.WAITING,
+        id="tie-between-votes-goes-to-waiting",
     ),
 ]
 
@@ -225,7 +254,11 @@ def test_autoscaling_options_render_no_policy_when_stock_policy_chosen() -> None
         ({"max_replicas": 2, "initial_replicas": 3}, r"initial_replicas 3 is outside \[1, 2\]"),
         ({"min_replicas": 1}, "max_replicas"),
         ({"max_replicas": 2, "policy": "queue"}, "engine_load"),
-        ({"max_replicas": 2, "metrics_interval_s": 1}, "Extra inputs are not permitted"),
+        ({"max_replicas": 2, "smoothing_factor": 1}, "Extra inputs are not permitted"),
+        (
+            {"max_replicas": 2, "metrics_interval_s": 30, "look_back_period_s": 30},
+            "metrics_interval_s 30.0 must be below look_back_period_s 30.0",
+        ),
         ({"max_replicas": 2, "target_kv_cache_usage": 2}, "less than or equal to 1"),
     ],
 )

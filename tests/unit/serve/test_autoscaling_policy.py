@@ -105,14 +105,15 @@ def test_serve_refuses_the_policy_when_knobs_are_unknown() -> None:
 
 def test_signals_from_context_read_each_replicas_stats_and_skip_silent_ones() -> None:
     config = serve_config()
-    ctx = context(config, [stats(16, 4, 0.5), None, stats(8, 0, 0.3)], queued=5, ongoing=33)
-    signals = signals_from_context(ctx)
+    full = [stats(16, 4, 0.5), None, stats(16, 0, 0.3)]
+    signals = signals_from_context(context(config, full, queued=5, ongoing=59))
     assert signals.current_replicas == 3
     assert len(signals.reported) == 2
+    # The silent replica counts at the mean load; every slot is taken, so the handle queue waits.
+    assert signals.running == pytest.approx(32 * 3 / 2)
     assert signals.waiting == pytest.approx(4 * 3 / 2 + 5)
-    assert signals.running == pytest.approx(24 * 3 / 2)
     assert signals.kv_cache_usage == pytest.approx(0.4)
-    assert (signals.handle_queued, signals.ongoing) == (5, 33)
+    assert (signals.handle_queued, signals.ongoing) == (5, 59)
     assert (signals.min_replicas, signals.max_replicas) == (1, 4)
 
 
