@@ -6,8 +6,8 @@ import pytest
 from pydantic import ValidationError
 
 from amalia_serve.autoscaling import (
-    ENGINE_LOAD_POLICY,
     BATCH_SLOTS,
+    ENGINE_LOAD_POLICY,
     KV_CACHE_USAGE,
     STATS_KEYS,
     PolicyKnobs,

@@ -162,7 +162,9 @@ def test_pickled_policy_builds_in_a_fresh_process_like_the_controller(tmp_path: 
     # Serve pickles the policy module by value where it parses the config and unpickles it in the
     # controller; within one process cloudpickle hands back the original class, so check another.
     pickled = tmp_path / "policy.pkl"
-    pickled.write_bytes(serve_config().policy.get_serialized_policy_def())
+    serialized = serve_config().policy.get_serialized_policy_def()
+    assert serialized
+    pickled.write_bytes(serialized)
     script = f"""
 import cloudpickle
 cls = cloudpickle.loads(open({str(pickled)!r}, "rb").read())
