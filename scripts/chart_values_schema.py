@@ -1,8 +1,8 @@
 """Builds charts/amalia/values.schema.json.
 
 Written as code rather than by hand so the parts that mirror Python models stay equal to them:
-a variant's `engine` block is amalia_serve's EngineConfig schema and `autoscaling` takes exactly
-the keys of Ray Serve's AutoscalingConfig. Every object the chart defines refuses unknown keys.
+a variant's `engine` block is amalia_serve's EngineConfig schema and `autoscaling` its
+AutoscalingOptions schema. Every object the chart defines refuses unknown keys.
 `scripts/render_manifests.py` writes the file; a test fails when it is stale.
 """
 
@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from typing import Any, get_args
 
-from ray.serve.config import AutoscalingConfig
+from pydantic import BaseModel
 
 from amalia_serve.capacity import GPUS, PRESETS
 from amalia_serve.config import (
     K8S_SUBDOMAIN_PATTERN,
     VARIANT_NAME_PATTERN,
+    AutoscalingOptions,
     EngineConfig,
     MeshProvider,
 )
@@ -75,17 +76,18 @@ def _strip_titles(node: Any) -> Any:
     return node
 
 
-def engine_schema() -> Schema:
-    schema: Schema = _strip_titles(EngineConfig.model_json_schema())
+def model_schema(model: type[BaseModel]) -> Schema:
+    schema: Schema = _strip_titles(model.model_json_schema())
     schema.pop("$defs", None)
     return schema
 
 
+def engine_schema() -> Schema:
+    return model_schema(EngineConfig)
+
+
 def autoscaling_schema() -> Schema:
-    keys = {name: {} for name in AutoscalingConfig.model_fields if not name.startswith("_")}
-    keys["min_replicas"] = integer(0)
-    keys["max_replicas"] = integer(1)
-    return obj(keys, desc="Ray Serve autoscaling_config of the variant's deployment.")
+    return model_schema(AutoscalingOptions)
 
 
 def checkpoint_schema(desc: str) -> Schema:
@@ -128,6 +130,7 @@ def worker_group_schema() -> Schema:
             "replicas": integer(0),
             "minReplicas": integer(0),
             "maxReplicas": integer(1),
+            "idleTimeoutSeconds": integer(0),
             "gpusPerWorker": integer(1, "GPUs of each worker pod (a positive integer)."),
             "gpuResourceName": string("e.g. nvidia.com/gpu or nvidia.com/mig-3g.40gb", minLength=1),
             "gpu": {
@@ -141,7 +144,7 @@ def worker_group_schema() -> Schema:
             "affinity": K8S_MAP,
             "rayStartParams": START_PARAMS,
         },
-        required=("name", "minReplicas", "maxReplicas", "gpusPerWorker", "gpuResourceName"),
+        required=("name", "gpusPerWorker", "gpuResourceName"),
     )
 
 
@@ -257,6 +260,7 @@ def values_schema() -> Schema:
                         "enableInTreeAutoscaling": {"type": "boolean"},
                         "upscalingMode": {"enum": ["Default", "Aggressive", "Conservative"]},
                         "idleTimeoutSeconds": integer(0),
+                        "autoscalerVersion": {"enum": ["v1", "v2"]},
                         "auth": obj({"mode": {"enum": ["token", "disabled"]}}),
                         "sharedMemorySize": string(pattern=QUANTITY),
                         "tmpSizeLimit": string(pattern=QUANTITY),

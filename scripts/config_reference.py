@@ -14,6 +14,7 @@ from pydantic import BaseModel
 from amalia_serve.config import (
     AmaliaServingArgs,
     AuthConfig,
+    AutoscalingOptions,
     CallerRule,
     DeploymentOptions,
     EngineConfig,
@@ -29,6 +30,7 @@ MODELS: list[tuple[type[BaseModel], str]] = [
     (VariantConfig, "`args` of a variant application (`import_path: amalia_serve.app:build_variant_app`)"),
     (EngineConfig, "`engine` of a variant"),
     (DeploymentOptions, "`deployment` of a variant, `ingress.deployment`"),
+    (AutoscalingOptions, "`autoscaling_config` of a `deployment` (see docs/autoscaling.md)"),
     (IngressConfig, "`ingress` of the front application"),
     (AuthConfig, "`ingress.auth` of the front application"),
     (MeshConfig, "`ingress.mesh`: the service mesh and the caller identity"),

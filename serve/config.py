@@ -13,6 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from amalia_serve.autoscaling import ENGINE_LOAD_POLICY, PolicyKnobs
 from amalia_serve.capacity import DEFAULT_GPU_MEMORY_UTILIZATION, EngineSettings, check_variant
 from amalia_serve.constants import DEFAULT_SYSTEM_PROMPT
 
@@ -127,12 +128,97 @@ class EngineConfig(AmaliaModel):
         return engine_args
 
 
+class AutoscalingOptions(AmaliaModel, PolicyKnobs):
+    """How a deployment autoscales: Serve's replica bounds and delays, and the policy with its targets.
+
+    Rendered into Serve's ``autoscaling_config`` by `serve_config`; docs/autoscaling.md explains the
+    engine-load policy and how to choose the numbers.
+    """
+
+    policy: Literal["engine_load", "ongoing_requests"] = Field(
+        "engine_load",
+        description="`engine_load`: scale on the engines' waiting requests, KV-cache usage and busy batch "
+        "slots (amalia_serve.autoscaling). `ongoing_requests`: Serve's stock policy "
+        "(`target_ongoing_requests` per replica); `target_waiting_per_replica` and `target_kv_cache_usage` "
+        "are then ignored.",
+    )
+    min_replicas: int = Field(
+        1, ge=0, description="Fewest replicas; 0 lets an idle variant scale to zero (the next request waits "
+        "for a replica to load)."
+    )
+    max_replicas: int = Field(..., ge=1, description="Most replicas.")
+    initial_replicas: int | None = Field(
+        None, ge=0, description="Replicas started on deploy; defaults to `min_replicas`."
+    )
+    target_ongoing_requests: float = Field(
+        16.0,
+        gt=0,
+        description="Running plus queued requests per replica: the rule of `policy: ongoing_requests`, and the "
+        "engine-load policy's fallback while no replica reports engine stats.",
+    )
+    upscale_delay_s: float = Field(
+        30.0, ge=0, description="Seconds the policy must keep asking for more replicas before Serve adds them."
+    )
+    downscale_delay_s: float = Field(
+        600.0,
+        ge=0,
+        description="Seconds the policy must keep asking for fewer replicas before Serve removes one; long, "
+        "because bringing a replica back means loading the weights again.",
+    )
+    downscale_to_zero_delay_s: float | None = Field(
+        None, ge=0, description="Seconds before the last replica goes (1 -> 0); defaults to `downscale_delay_s`."
+    )
+    look_back_period_s: float = Field(
+        30.0, gt=0, description="Window over which Serve averages each replica's reported load."
+    )
+    metrics_interval_s: float | None = Field(
+        None,
+        gt=0,
+        description="Seconds between the load reports of replicas and handles to Serve's controller (Serve's "
+        "default 10 when null). Serve 2.60 marks it deprecated in favour of environment variables it does "
+        "not read yet, so it is still the knob; keep it below `look_back_period_s`.",
+    )
+    upscaling_factor: float | None = Field(
+        None, gt=0, description="Multiplies each upscale step (Serve's gain; 1 when unset)."
+    )
+    downscaling_factor: float | None = Field(
+        None, gt=0, description="Multiplies each downscale step (Serve's gain; 1 when unset)."
+    )
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingOptions:
+        interval = self.metrics_interval_s
+        if interval is not None and interval >= self.look_back_period_s:
+            raise ValueError(
+                f"metrics_interval_s {interval} must be below look_back_period_s {self.look_back_period_s}"
+            )
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"max_replicas {self.max_replicas} is below min_replicas {self.min_replicas}")
+        initial = self.initial_replicas
+        if initial is not None and not self.min_replicas <= initial <= self.max_replicas:
+            raise ValueError(
+                f"initial_replicas {initial} is outside [{self.min_replicas}, {self.max_replicas}]"
+            )
+        return self
+
+    def serve_config(self) -> dict[str, Any]:
+        """Serve's ``autoscaling_config``; the engine-load policy goes in as its import path and knobs."""
+        knobs = set(PolicyKnobs.model_fields)
+        config = self.model_dump(exclude_none=True, exclude={"policy", *knobs})
+        if self.policy == "engine_load":
+            config["policy"] = {
+                "policy_function": ENGINE_LOAD_POLICY,
+                "policy_kwargs": self.model_dump(include=knobs),
+            }
+        return config
+
+
 class DeploymentOptions(AmaliaModel):
     """The Ray Serve deployment options we expose; Serve itself validates their contents again."""
 
     num_replicas: int | None = Field(None, ge=1, description="Fixed replica count; omit when autoscaling.")
-    autoscaling_config: dict[str, Any] | None = Field(
-        None, description="Serve autoscaling_config (min_replicas, max_replicas, target_ongoing_requests, ...)."
+    autoscaling_config: AutoscalingOptions | None = Field(
+        None, description="Autoscale between min and max replicas instead (see AutoscalingOptions)."
     )
     max_ongoing_requests: int = Field(64, ge=1, description="Requests one replica accepts at once.")
     max_queued_requests: int = Field(
@@ -158,7 +244,10 @@ class DeploymentOptions(AmaliaModel):
 
     def serve_options(self) -> dict[str, Any]:
         """The keyword arguments for ``Deployment.options``."""
-        return self.model_dump(exclude_none=True)
+        options = self.model_dump(exclude_none=True, exclude={"autoscaling_config"})
+        if self.autoscaling_config is not None:
+            options["autoscaling_config"] = self.autoscaling_config.serve_config()
+        return options
 
 
 class VariantConfig(AmaliaModel):

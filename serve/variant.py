@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 
 from ray import serve
 
+from amalia_serve.autoscaling import replica_stats
 from amalia_serve.config import VariantConfig
 from amalia_serve.constants import ENGINE_CLS
 from amalia_serve.engine import Engine, EngineError, EngineOutput, EngineStats
@@ -91,6 +92,14 @@ class VariantServer:
 
     def stats(self) -> EngineStats:
         return self.engine.stats()
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's custom-metrics hook, read every few seconds when the deployment autoscales: the
+        engine's load for the engine-load policy (amalia_serve.autoscaling)."""
+        stats = self.engine.stats()
+        return replica_stats(
+            stats.running, stats.waiting, stats.kv_cache_usage, self.variant.engine.max_num_seqs
+        )
 
     async def check_health(self) -> None:
         """Serve's health check: a dead engine fails it, and Serve replaces the replica."""

@@ -309,3 +309,69 @@ in-house S3) before Ray starts on the worker.
 {{- $enabled := .enabled | toString }}
 {{- if or (eq $enabled "true") (and (eq $enabled "auto") (.root.Capabilities.APIVersions.Has "monitoring.coreos.com/v1")) }}true{{ end }}
 {{- end }}
+
+{{/*
+GPUs the variants hold with every variant at its fewest and at its most replicas, as JSON
+{"min": n, "max": n}: min_replicas (default 1) and max_replicas of `autoscaling`, or the fixed
+`replicas` both ways, times `gpus`. Worker groups that leave minReplicas/maxReplicas out are sized
+from it, and amalia-serve.checkGpuCapacity compares it with what the groups allow.
+*/}}
+{{- define "amalia-serve.gpuDemand" -}}
+{{- $min := 0 }}
+{{- $max := 0 }}
+{{- range .Values.variants }}
+{{- $gpus := int .gpus }}
+{{- if .autoscaling }}
+{{- $low := ternary (int .autoscaling.min_replicas) 1 (hasKey .autoscaling "min_replicas") }}
+{{- $min = add $min (mul $low $gpus) }}
+{{- $max = add $max (mul (int .autoscaling.max_replicas) $gpus) }}
+{{- else }}
+{{- $min = add $min (mul (int .replicas) $gpus) }}
+{{- $max = add $max (mul (int .replicas) $gpus) }}
+{{- end }}
+{{- end }}
+{{- toJson (dict "min" $min "max" $max) }}
+{{- end }}
+
+{{/*
+Pod counts of one worker group as JSON {"replicas", "minReplicas", "maxReplicas"}; what the values
+leave out is derived from the variants' GPU demand (amalia-serve.gpuDemand): maxReplicas = the pods
+that hold every variant at max_replicas, minReplicas = the pods that hold them at min_replicas when
+this is the only group (0 when there are several: which group keeps warm pods is a choice), replicas
+(the pods created before the autoscaler acts) = minReplicas.
+Usage: include "amalia-serve.workerGroupScale" (dict "group" . "root" $)
+*/}}
+{{- define "amalia-serve.workerGroupScale" -}}
+{{- $g := .group }}
+{{- $demand := include "amalia-serve.gpuDemand" .root | fromJson }}
+{{- $per := int $g.gpusPerWorker }}
+{{- $derivedMax := div (add (int $demand.max) (sub $per 1)) $per }}
+{{- $derivedMin := 0 }}
+{{- if eq (len .root.Values.workerGroups) 1 }}
+{{- $derivedMin = div (add (int $demand.min) (sub $per 1)) $per }}
+{{- end }}
+{{- $max := ternary (int $g.maxReplicas) (max 1 $derivedMax) (hasKey $g "maxReplicas") }}
+{{- $min := ternary (int $g.minReplicas) (min $derivedMin $max) (hasKey $g "minReplicas") }}
+{{- $replicas := ternary (int $g.replicas) $min (hasKey $g "replicas") }}
+{{- toJson (dict "replicas" $replicas "minReplicas" $min "maxReplicas" $max) }}
+{{- end }}
+
+{{/*
+Fails the render when the worker groups cannot hold every variant at max_replicas (the replicas
+past the GPUs would wait for a node forever), or when a group sets idleTimeoutSeconds, which
+KubeRay accepts only with autoscaler v2.
+*/}}
+{{- define "amalia-serve.checkGpuCapacity" -}}
+{{- $demand := include "amalia-serve.gpuDemand" . | fromJson }}
+{{- $capacity := 0 }}
+{{- range .Values.workerGroups }}
+{{- $scale := include "amalia-serve.workerGroupScale" (dict "group" . "root" $) | fromJson }}
+{{- $capacity = add $capacity (mul (int $scale.maxReplicas) (int .gpusPerWorker)) }}
+{{- if and (hasKey . "idleTimeoutSeconds") (ne $.Values.rayCluster.autoscalerVersion "v2") }}
+{{- fail (printf "workerGroups %s: idleTimeoutSeconds needs rayCluster.autoscalerVersion v2" .name) }}
+{{- end }}
+{{- end }}
+{{- if lt (int $capacity) (int $demand.max) }}
+{{- fail (printf "the variants need %d GPUs at max_replicas but workerGroups allow %d (maxReplicas x gpusPerWorker): raise maxReplicas, or leave it out to derive it" (int $demand.max) (int $capacity)) }}
+{{- end }}
+{{- end }}

@@ -120,7 +120,12 @@ def unchecked(kind: str) -> dict[str, Any]:
         del group["gpu"]
         group["gpuResourceName"] = "nvidia.com/gpu"
     elif kind == "group-cannot-host-replica":
-        variant["gpus"] = 2  # Ray never places a 2-GPU replica on 1-GPU workers
+        # Ray never places a 2-GPU replica on the 1-GPU slice group, only on the H100 pair: the slice is not
+        # checked against it.
+        variant["gpus"] = 2
+        variant["engine"] = {"tensor_parallel_size": 2}
+        values["workerGroups"].append({"name": "pairs", "gpusPerWorker": 2, "gpu": "H100-80GB",
+                                       "gpuResourceName": "nvidia.com/gpu"})  # fmt: skip
     return values
 
 

@@ -28,6 +28,10 @@ def test_bad_values_set_covers_the_required_refusals() -> None:
         "variant-named-like-front-app",
         "duplicate-variant-names",
         "all-weights-zero",
+        # GPU worker pods must be able to follow every variant to max_replicas.
+        "worker-groups-below-max-replicas",
+        "idle-timeout-without-autoscaler-v2",
+        "unknown-autoscaling-key",
     } <= names
 
 

@@ -36,7 +36,7 @@ def test_serving_args_accept_two_variants_with_weights() -> None:
         ({"model_alias": "amalia-sft"}, "must differ"),
         ({"varients": []}, "Extra inputs are not permitted"),
         ({"variants": [{"name": "a", "model_path": "/x", "deployment": {"num_replicas": 1,
-                        "autoscaling_config": {"min_replicas": 1}}}], "routing": {}}, "not both"),
+                        "autoscaling_config": {"max_replicas": 2}}}], "routing": {}}, "not both"),
         ({"variants": [{"name": "a", "model_path": "/x",
                         "deployment": {"ray_actor_options": {"num_gpus": -1}}}], "routing": {}}, "num_gpus"),
     ],

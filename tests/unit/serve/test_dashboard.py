@@ -17,12 +17,18 @@ from typing import Any
 import pytest
 import yaml
 
+from amalia_serve import autoscaling_policy as autoscaling
 from amalia_serve import metrics as m
 
 ROOT = Path(__file__).resolve().parents[3]
 DASHBOARD = ROOT / "serve" / "dashboards" / "amalia-canary.json"
 ROUTING_DOC = ROOT / "docs" / "routing.md"
-KNOWN_METRICS = m.EXPORTED_METRIC_NAMES | {m.SERVE_REPLICA_HEALTHY, m.SERVE_TARGET_REPLICAS}
+AUTOSCALING_DOC = ROOT / "docs" / "autoscaling.md"
+KNOWN_METRICS = (
+    m.EXPORTED_METRIC_NAMES
+    | autoscaling.EXPORTED_METRIC_NAMES
+    | {m.SERVE_REPLICA_HEALTHY, m.SERVE_TARGET_REPLICAS}
+)
 # What Grafana substitutes before a query reaches Prometheus.
 GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$variant": ".*"}
 
@@ -124,6 +130,26 @@ def test_dashboard_compares_variants_when_opened() -> None:
         assert "$variant" in expr, f"{title} ignores the variant selector"
     ttft = next(e for t, e in _panel_exprs(dashboard) if "first token" in t.lower() and "0.95" in e)
     assert "by (variant, le)" in ttft
+
+
+def test_dashboard_explains_autoscaling_per_variant_when_opened() -> None:
+    exprs = [expr for _, expr in _panel_exprs(_dashboard())]
+    for name in autoscaling.EXPORTED_METRIC_NAMES:
+        assert any(name in expr for expr in exprs), f"no panel shows {name}"
+    shown = set()
+    for expr in exprs:
+        for match in re.finditer(r'signal=~"([^"]+)"', expr):
+            shown |= set(match.group(1).split("|"))
+    assert shown >= set(autoscaling.SIGNALS) - {"batch_slots", "ongoing"}
+    assert shown <= set(autoscaling.SIGNALS), shown - set(autoscaling.SIGNALS)
+
+
+def test_autoscaling_doc_lists_every_autoscaling_metric_and_signal() -> None:
+    text = AUTOSCALING_DOC.read_text(encoding="utf-8")
+    for name in autoscaling.EXPORTED_METRIC_NAMES:
+        assert f"`{name}`" in text, f"{name} missing from docs/autoscaling.md"
+    for signal in autoscaling.SIGNALS:
+        assert f"`{signal}`" in text, f"signal {signal} missing from docs/autoscaling.md"
 
 
 def test_dashboard_uses_the_datasource_variable_when_imported() -> None:
