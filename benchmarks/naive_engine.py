@@ -131,7 +131,7 @@ class NaiveGenerateEngine(Engine):
         pass
 
     def stats(self) -> EngineStats:
-        return EngineStats(self._running, self._waiting, 0.0, self._running + self._waiting, 0)
+        return EngineStats(self._running, self._waiting, 0.0, self._running + self._waiting, 0, max_num_seqs=1)
 
     async def shutdown(self) -> None:
         pass

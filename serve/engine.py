@@ -85,6 +85,7 @@ class EngineStats:
     kv_cache_usage: float  # fraction of KV-cache blocks in use, 0..1
     unfinished: int  # requests accepted and not yet finished or aborted (waiting + running + in prefill)
     aborted: int  # requests ended by their caller before they finished, since start
+    max_num_seqs: int  # the batch size the engine runs with (its own default when the config set none)
 
 
 class Engine(abc.ABC):

@@ -214,6 +214,9 @@ class AmaliaIngress:
 
     @api.get("/readyz")
     async def readyz(self) -> JSONResponse:
+        """200 when every variant answers. A variant autoscaled to zero replicas counts as ready without being
+        asked: asking would wake it, and the first real request wakes it anyway."""
+
         async def probe(name: str) -> bool:
             try:
                 handle = self._stream_handle(name).options(stream=False)
@@ -222,12 +225,26 @@ class AmaliaIngress:
                 return False
 
         names = self.variant_names
-        results = await asyncio.gather(*(probe(n) for n in names))
-        ready = all(results)
+        idle = await asyncio.to_thread(self._scaled_to_zero, names)
+        results = await asyncio.gather(*(probe(n) for n in names if n not in idle))
+        answers = dict(zip([n for n in names if n not in idle], results)) | {n: True for n in idle}
+        ready = all(answers.values())
         return JSONResponse(
-            {"status": "ready" if ready else "not ready", "variants": dict(zip(names, results))},
+            {"status": "ready" if ready else "not ready", "variants": {n: answers[n] for n in names},
+             "scaled_to_zero": sorted(idle)},
             status_code=200 if ready else 503,
-        )
+        )  # fmt: skip
+
+    def _scaled_to_zero(self, names: list[str]) -> set[str]:
+        """Variants deployed as their own applications that run no replica and are healthy or waking up."""
+        applications = serve.status().applications
+        idle = set()
+        for name in set(names) - set(self.bound):
+            deployment = applications[name].deployments.get(name) if name in applications else None
+            if (deployment is not None and deployment.status in ("HEALTHY", "UPSCALING")
+                    and not deployment.replica_states.get("RUNNING")):  # fmt: skip
+                idle.add(name)
+        return idle
 
     @api.get("/routing")
     async def routing(self, request: Request) -> dict[str, Any]:

@@ -97,9 +97,7 @@ class VariantServer:
         """Serve's custom-metrics hook, read every few seconds when the deployment autoscales: the
         engine's load for the engine-load policy (amalia_serve.autoscaling)."""
         stats = self.engine.stats()
-        return replica_stats(
-            stats.running, stats.waiting, stats.kv_cache_usage, self.variant.engine.max_num_seqs
-        )
+        return replica_stats(stats.running, stats.waiting, stats.kv_cache_usage, stats.max_num_seqs)
 
     async def check_health(self) -> None:
         """Serve's health check: a dead engine fails it, and Serve replaces the replica."""

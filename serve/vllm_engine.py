@@ -178,6 +178,7 @@ class VLLMEngine(Engine):
         self._llm = llm
         self._tokenizer: Any = llm.get_tokenizer()  # the checkpoint's transformers tokenizer
         self._max_model_len = max_model_len
+        self._max_num_seqs = max_num_seqs
         self._max_pending = self._config.max_pending_requests or 2 * max_num_seqs
         self._load = load
         self._admitted = 0  # requests between admission and the end of their stream
@@ -325,7 +326,17 @@ class VLLMEngine(Engine):
             kv_cache_usage=self._load.kv_cache_usage,
             unfinished=self._llm.get_num_unfinished_requests(),
             aborted=self._aborted,
+            max_num_seqs=self._max_num_seqs,
         )
 
     async def shutdown(self) -> None:
+        # vLLM stops its engine core before its output handler, which then logs the core's end as a crash
+        # (EngineDeadError, at ERROR) on every replica stop. Stop the handler first and end whatever is still
+        # in flight with our own error.
+        handler = self._llm.output_handler
+        if handler is not None:
+            handler.cancel()
+        self._llm.output_processor.propagate_error(
+            EngineUnavailable(f"the engine of variant {self._variant.name} is shutting down")
+        )
         await asyncio.to_thread(self._llm.shutdown)

@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -85,6 +86,7 @@ class Cycle:
     drained_replica_ongoing: float
     sft_back_to_min: ReplicaSample
     dpo_idle_again: ReplicaSample
+    readyz_at_zero: dict[str, Any]  # status code and body of /readyz while the canary had no replica
     results: dict[str, list[RequestResult]] = field(default_factory=dict)
     metrics: list[tuple[str, dict[str, str], float]] = field(default_factory=list)
 
@@ -136,9 +138,13 @@ async def run_cycle(base_url: str, metrics_url: str, watcher: ReplicaWatcher) ->
     def idle(s: ReplicaSample) -> bool:
         return s.target == 0 and not s.running and not s.stopping
 
-    # 0. Scale from zero and back.
+    # 0. Scale from zero and back. Readiness first: it must not wake the canary.
     await wait_until(holds(DPO, idle), 60, "dpo at 0")
     async with httpx.AsyncClient(base_url=base_url, timeout=600) as client:
+        readyz = await client.get("/readyz")
+        readyz_at_zero = {"status": readyz.status_code, **readyz.json()}
+        await asyncio.sleep(3)
+        readyz_at_zero["still_idle"] = holds(DPO, idle)()
         cold_start = await stream_chat(client, DPO, 16, "Olá!")
     served = time.monotonic()
     dpo_zero = await wait_until(holds(DPO, idle), TO_MIN_BOUND_S, "dpo back at 0")
@@ -197,6 +203,7 @@ async def run_cycle(base_url: str, metrics_url: str, watcher: ReplicaWatcher) ->
         drained_replica_ongoing=drained_ongoing,
         sft_back_to_min=sft_min,
         dpo_idle_again=dpo_idle,
+        readyz_at_zero=readyz_at_zero,
         results=results,
         metrics=metrics,
     )
@@ -248,6 +255,13 @@ def test_first_request_waits_for_a_replica_and_succeeds_when_variant_is_at_zero(
     assert cycle.cold_start.variant == DPO
     zero = cycle.watcher.first(DPO, lambda s: s.target == 0 and not s.running)
     assert zero is not None and zero.at <= cycle.cold_start.started
+
+
+def test_readiness_counts_a_variant_at_zero_as_ready_without_waking_it(cycle: Cycle) -> None:
+    ready = cycle.readyz_at_zero
+    assert ready["status"] == 200, ready
+    assert ready["scaled_to_zero"] == [DPO] and ready["variants"] == {SFT: True, DPO: True}
+    assert ready["still_idle"], "asking /readyz woke the canary"
 
 
 def test_idle_variant_returns_to_zero_after_its_downscale_delay(cycle: Cycle) -> None:
