@@ -36,6 +36,8 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.load import RequestResult, record_chat
+
 PROMPTS = [
     "Fala-me de Lisboa.",
     "Explica como funciona a fotossíntese.",
@@ -44,73 +46,7 @@ PROMPTS = [
 ]
 
 
-# ---- one request -----------------------------------------------------------------------------------------
-
-
-@dataclass
-class RequestResult:
-    model: str
-    started: float
-    user: str | None = None
-    ended: float = 0.0
-    first_token: float | None = None
-    status: int = 0
-    variant: str | None = None
-    tokens: int = 0
-    finish_reason: str | None = None
-    error: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return (
-            self.status == 200 and self.error is None and self.finish_reason in ("stop", "length")
-        )
-
-    @property
-    def ttft_s(self) -> float | None:
-        return None if self.first_token is None else self.first_token - self.started
-
-
-async def stream_chat(
-    client: httpx.AsyncClient, model: str, max_tokens: int, prompt: str, user: str | None = None
-) -> RequestResult:
-    """One streamed chat completion, read to `[DONE]`; any error is recorded, never raised.
-    `user` is OpenAI's end-user id, the ingress's sticky key."""
-    body: dict[str, Any] = {
-        "model": model,
-        "max_tokens": max_tokens,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-        "messages": [{"role": "user", "content": prompt}],
-    }
-    if user is not None:
-        body["user"] = user
-    result = RequestResult(model=model, started=time.monotonic(), user=user)
-    try:
-        async with client.stream("POST", "/v1/chat/completions", json=body) as response:
-            result.status = response.status_code
-            result.variant = response.headers.get("x-amalia-variant")
-            if response.status_code != 200:
-                result.error = (await response.aread()).decode(errors="replace")[:300]
-                return result
-            async for line in response.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                if "error" in chunk:
-                    result.error = json.dumps(chunk["error"])[:300]
-                    continue
-                if chunk.get("usage"):
-                    result.tokens = chunk["usage"]["completion_tokens"]
-                for choice in chunk.get("choices", []):
-                    if choice["delta"].get("content") and result.first_token is None:
-                        result.first_token = time.monotonic()
-                    result.finish_reason = choice.get("finish_reason") or result.finish_reason
-    except httpx.HTTPError as exc:
-        result.error = f"{type(exc).__name__}: {exc}"
-    finally:
-        result.ended = time.monotonic()
-    return result
+# ---- load -----------------------------------------------------------------------------------------------
 
 
 async def stream_loops(
@@ -131,7 +67,11 @@ async def stream_loops(
         user = users[index] if users else None
         while not stop.is_set():
             prompt = PROMPTS[(index + round_) % len(PROMPTS)]
-            results.append(await stream_chat(client, model, max_tokens, prompt, user))
+            results.append(
+                await record_chat(
+                    client, model, [{"role": "user", "content": prompt}], max_tokens, user=user
+                )
+            )
             round_ += 1
 
     limits = httpx.Limits(max_connections=concurrency + 4)

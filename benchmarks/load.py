@@ -35,6 +35,82 @@ class Completion:
     output_tokens: int
 
 
+@dataclass
+class RequestResult:
+    """One streamed chat completion as a client saw it, whatever happened to it."""
+
+    model: str
+    started: float
+    user: str | None = None
+    ended: float = 0.0
+    first_token: float | None = None
+    status: int = 0  # HTTP status; 0 when no answer came
+    variant: str | None = None  # the x-amalia-variant header
+    tokens: int = 0  # completion tokens from the usage chunk
+    finish_reason: str | None = None
+    done: bool = False  # the stream ended with [DONE]
+    failure: str | None = (
+        None  # "http", "event" (an SSE error event) or the transport error's class name
+    )
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return (
+            self.status == 200 and self.failure is None and self.finish_reason in ("stop", "length")
+        )
+
+    @property
+    def ttft_s(self) -> float | None:
+        return None if self.first_token is None else self.first_token - self.started
+
+
+async def record_chat(
+    client: httpx.AsyncClient,
+    model: str,
+    messages: list[dict[str, str]],
+    max_tokens: int,
+    *,
+    user: str | None = None,
+    **extra: Any,
+) -> RequestResult:
+    """One streaming chat completion read to its end; every failure is recorded, none raised.
+    `user` is OpenAI's end-user id, the ingress's sticky key."""
+    body: dict[str, Any] = {"model": model, "messages": messages, "max_tokens": max_tokens, "stream": True,
+                            "stream_options": {"include_usage": True}, **extra}  # fmt: skip
+    if user is not None:
+        body["user"] = user
+    result = RequestResult(model=model, started=time.monotonic(), user=user)
+    try:
+        async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+            result.status = response.status_code
+            result.variant = response.headers.get("x-amalia-variant")
+            if response.status_code != 200:
+                result.failure = "http"
+                result.error = (await response.aread()).decode(errors="replace")[:300]
+                return result
+            async for line in response.aiter_lines():
+                if line == "data: [DONE]":
+                    result.done = True
+                if not line.startswith("data: {"):
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    result.failure, result.error = "event", json.dumps(chunk["error"])[:300]
+                    continue
+                if chunk.get("usage"):
+                    result.tokens = chunk["usage"]["completion_tokens"]
+                for choice in chunk.get("choices", []):
+                    if choice["delta"].get("content") and result.first_token is None:
+                        result.first_token = time.monotonic()
+                    result.finish_reason = choice.get("finish_reason") or result.finish_reason
+    except httpx.HTTPError as exc:
+        result.failure, result.error = type(exc).__name__, str(exc)[:300]
+    finally:
+        result.ended = time.monotonic()
+    return result
+
+
 @dataclass(frozen=True)
 class LevelResult:
     """One concurrency level of one server."""
@@ -60,30 +136,19 @@ class LevelResult:
 
 
 async def stream_chat(
-    client: httpx.AsyncClient, model: str, messages: list[dict[str, str]], max_tokens: int, **extra: Any
+    client: httpx.AsyncClient,
+    model: str,
+    messages: list[dict[str, str]],
+    max_tokens: int,
+    **extra: Any,
 ) -> Completion:
-    """One streaming chat completion; raises on any non-200 answer or an error event in the stream."""
-    body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0.7, "seed": 1,
-            "stream": True, "stream_options": {"include_usage": True}, **extra}  # fmt: skip
-    started = time.perf_counter()
-    ttft: float | None = None
-    tokens = 0
-    async with client.stream("POST", "/v1/chat/completions", json=body) as response:
-        if response.status_code != 200:
-            raise RuntimeError(f"{model}: HTTP {response.status_code}: {(await response.aread())[:300]!r}")
-        async for line in response.aiter_lines():
-            if not line.startswith("data: {"):
-                continue
-            chunk = json.loads(line[6:])
-            if "error" in chunk:
-                raise RuntimeError(f"{model}: error in stream: {chunk['error']}")
-            if ttft is None and any(c.get("delta", {}).get("content") for c in chunk.get("choices", [])):
-                ttft = time.perf_counter() - started
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-    if ttft is None:
-        raise RuntimeError(f"{model}: the stream carried no content")
-    return Completion(ttft, tokens)
+    """One streaming chat completion at the benchmarks' sampling settings; raises unless it was answered."""
+    result = await record_chat(
+        client, model, messages, max_tokens, temperature=0.7, seed=1, **extra
+    )
+    if not result.ok or result.ttft_s is None:
+        raise RuntimeError(f"{model}: HTTP {result.status}, {result.failure}: {result.error}")
+    return Completion(result.ttft_s, result.tokens)
 
 
 async def run_level(
@@ -108,7 +173,9 @@ async def run_level(
             while not queue.empty():
                 i = queue.get_nowait()
                 messages = [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]
-                done.append(await stream_chat(client, model, messages, max_tokens, ignore_eos=ignore_eos))
+                done.append(
+                    await stream_chat(client, model, messages, max_tokens, ignore_eos=ignore_eos)
+                )
                 if on_done is not None:
                     on_done()
 
@@ -119,7 +186,9 @@ async def run_level(
                        tuple(c.ttft_s for c in done))  # fmt: skip
 
 
-def conversation(system_prompt: str, turns: Sequence[tuple[str, str]], question: str) -> list[dict[str, str]]:
+def conversation(
+    system_prompt: str, turns: Sequence[tuple[str, str]], question: str
+) -> list[dict[str, str]]:
     """A chat that repeats earlier turns, as chat clients send them: the prefix grows turn by turn."""
     messages = [{"role": "system", "content": system_prompt}]
     for user, assistant in turns:
@@ -133,14 +202,20 @@ async def third_turn_ttft_ms(base_url: str, model: str, system_prompt: str, user
     Each conversation sends its 1st and 2nd turns first, as a user would; with prefix caching the 3rd turn
     recomputes only its new tokens.
     """
-    questions = ["Qual é a capital de Portugal?", "E quantos habitantes tem?", "Resume a conversa numa frase."]
+    questions = [
+        "Qual é a capital de Portugal?",
+        "E quantos habitantes tem?",
+        "Resume a conversa numa frase.",
+    ]
     ttfts = []
     async with httpx.AsyncClient(base_url=base_url, timeout=600) as client:
         for user in range(users):
             turns: list[tuple[str, str]] = []
             for turn, question in enumerate(questions):
                 asked = f"{question} (utilizador {user})"
-                done = await stream_chat(client, model, conversation(system_prompt, turns, asked), 16)
+                done = await stream_chat(
+                    client, model, conversation(system_prompt, turns, asked), 16
+                )
                 turns.append((asked, "Lisboa é a capital de Portugal e a sua maior cidade."))
                 if turn == 2:
                     ttfts.append(done.ttft_s)

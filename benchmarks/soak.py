@@ -23,10 +23,15 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
 import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.load import record_chat
 
 REPLICA_TITLE = "ray::ServeReplica:"
 PROMPTS = [
@@ -97,37 +102,26 @@ async def one_request(
         "temperature": 0.8,
         "stream": stream,
     }
-    if stream:
-        body["stream_options"] = {"include_usage": True}
     started = time.monotonic()
-    try:
-        if stream:
-            async with client.stream("POST", "/v1/chat/completions", json=body) as response:
-                if response.status_code != 200:
-                    await response.aread()
-                    load.outcomes[f"stream {response.status_code}"] += 1
-                    return
-                done = False
-                async for line in response.aiter_lines():
-                    if line == "data: [DONE]":
-                        done = True
-                    elif line.startswith("data: {") and '"usage"' in line:
-                        usage = json.loads(line[6:]).get("usage")
-                        load.output_tokens += usage["completion_tokens"] if usage else 0
-                    elif line.startswith("data: {") and '"error"' in line:
-                        load.outcomes["stream error event"] += 1
-                        return
-                load.outcomes["stream 200" if done else "stream cut short"] += 1
-        else:
+    if stream:
+        result = await record_chat(client, body["model"], body["messages"], body["max_tokens"],
+                                   temperature=body["temperature"])  # fmt: skip
+        if result.failure is not None:
+            kind = result.status if result.failure == "http" else result.failure
+            load.outcomes[f"stream {'error event' if kind == 'event' else kind}"] += 1
+            return
+        load.output_tokens += result.tokens
+        load.outcomes["stream 200" if result.done else "stream cut short"] += 1
+    else:
+        try:
             response = await client.post("/v1/chat/completions", json=body)
-            load.outcomes[f"json {response.status_code}"] += 1
-            if response.status_code == 200:
-                load.output_tokens += response.json()["usage"]["completion_tokens"]
-            else:
-                return
-    except httpx.HTTPError as exc:
-        load.outcomes[f"{'stream' if stream else 'json'} {type(exc).__name__}"] += 1
-        return
+        except httpx.HTTPError as exc:
+            load.outcomes[f"json {type(exc).__name__}"] += 1
+            return
+        load.outcomes[f"json {response.status_code}"] += 1
+        if response.status_code != 200:
+            return
+        load.output_tokens += response.json()["usage"]["completion_tokens"]
     load.latencies_s.append(time.monotonic() - started)
 
 

@@ -37,12 +37,11 @@ from amalia_serve.routing import TrafficSplit
 from benchmarks.bench_autoscale import (
     ReplicaSample,
     ReplicaWatcher,
-    RequestResult,
     autoscaled_variant,
-    stream_chat,
     stream_loops,
     wait_until,
 )
+from benchmarks.load import RequestResult, record_chat
 
 pytestmark = [
     pytest.mark.integration,
@@ -145,7 +144,7 @@ async def run_cycle(base_url: str, metrics_url: str, watcher: ReplicaWatcher) ->
         readyz_at_zero = {"status": readyz.status_code, **readyz.json()}
         await asyncio.sleep(3)
         readyz_at_zero["still_idle"] = holds(DPO, idle)()
-        cold_start = await stream_chat(client, DPO, 16, "Olá!")
+        cold_start = await record_chat(client, DPO, [{"role": "user", "content": "Olá!"}], 16)
     served = time.monotonic()
     dpo_zero = await wait_until(holds(DPO, idle), TO_MIN_BOUND_S, "dpo back at 0")
 
