@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from benchmarks.load import LevelResult, http_p50_ms, run_level, third_turn_ttft_ms
-from benchmarks.servers import bare_vllm, noop_app
+from benchmarks.servers import apply_core_split, bare_vllm, noop_app, split_cores
 
 NAIVE_ENGINE = "benchmarks.naive_engine:NaiveGenerateEngine"
 # Goals of the engine issue (CPU part), checked on the JSON keys below.
@@ -215,6 +215,9 @@ def run_part(name: str, args: argparse.Namespace) -> int:
     requests = sum(level * args.rounds for level in args.levels) + (1 + max(args.levels)) * (
         name == "amalia"
     )
+    split = split_cores()
+    if split is not None:
+        apply_core_split(split)
     progress = Progress(requests)
     measured = PARTS[name][1](args, progress)
     progress.bar.close()
@@ -260,6 +263,7 @@ def plot(path: Path, series: dict[str, dict[int, LevelResult]]) -> None:
         xs = sorted(levels)
         tput.plot(xs, [levels[x].tok_s for x in xs], marker="o", label=name)
         ttft.plot(xs, [levels[x].ttft_p50_ms for x in xs], marker="o", label=name)
+    ttft.set_yscale("log")  # the naive server's queueing dwarfs the others
     for ax, label in ((tput, "output tokens/s"), (ttft, "TTFT p50 (ms)")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("concurrent streams")
@@ -342,6 +346,7 @@ def main() -> int:
 
     results: dict[str, Any] = {
         "model": Path(args.model).name,
+        "cores": dict(zip(("frontends_and_ray", "vllm_workers"), split_cores() or ((), ()))),
         "cpus": os.cpu_count(),
         "max_tokens": args.max_tokens,
         "levels": args.levels,

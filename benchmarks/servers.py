@@ -73,6 +73,25 @@ def bare_vllm(config: EngineConfig, model: str, name: str, port: int, log: Path,
                 proc.wait()
 
 
+def split_cores() -> tuple[list[int], list[int]] | None:
+    """The CPU layout vLLM's CPU backend asks for: its worker's OpenMP threads on cores of their own, everything
+    else (API server, Ray, Serve replicas, the load generator) on the last core; None below two cores.
+
+    Bare `vllm serve` gets the split from vLLM's auto-binding (it reserves the last core for its frontend), but
+    only its worker is pinned: its small API server stays off the worker's core on its own, a Ray cluster does
+    not. Both servers are measured with the same explicit split: `apply_core_split` before either starts.
+    """
+    cores = sorted(os.sched_getaffinity(0))
+    return (cores[-1:], cores[:-1]) if len(cores) >= 2 else None
+
+
+def apply_core_split(split: tuple[list[int], list[int]]) -> None:
+    """Pin this process (and so every process it starts) to the frontend cores; vLLM workers bind the rest."""
+    frontend, workers = split
+    os.sched_setaffinity(0, frontend)
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, workers))
+
+
 def noop_app() -> Any:
     """Ray Serve's floor: the same shape as our path (FastAPI ingress -> handle -> deployment), doing nothing."""
     from fastapi import FastAPI
