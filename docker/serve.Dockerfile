@@ -1,4 +1,6 @@
-# Serving image: Ray 2.60.0 (CUDA, Python 3.11) plus amalia-serve. Runs as the image's non-root
+# Serving image: Ray 2.60.0 (CUDA, Python 3.11) plus amalia-serve with vLLM's CUDA build (the `gpu` extra:
+# vllm 0.33, which brings torch 2.14 for CUDA). One image for the head (the ingress; no GPU) and the GPU
+# workers (the variants), so `serve deploy` can check engine arguments against the installed vLLM. Runs as the
 # `ray` user (uid 1000), which the chart's runAsUser matches. Build from the repository root:
 #   docker build -f docker/serve.Dockerfile -t registry.local/amalia/amalia-serve:0.1.0 .
 # Pin the base by digest in your registry mirror (rayproject/ray:2.60.0-py311-gpu@sha256:...).
@@ -8,12 +10,12 @@ WORKDIR /home/ray/amalia-serve
 COPY --chown=ray:users pyproject.toml README.md ./
 COPY --chown=ray:users serve/ serve/
 COPY --chown=ray:users operators/ operators/
-# Ray is already in the base image; the pin keeps pip from replacing it. The base's CUDA torch
-# satisfies the GPU install, so only the torch pin of pyproject (a CPU build) must not win:
-# install with the CUDA wheel index of your mirror (PIP_INDEX_URL / PIP_EXTRA_INDEX_URL).
-RUN pip install --no-cache-dir "ray[serve]==2.60.0" . \
- && python -c "import amalia_serve, ray; assert ray.__version__ == '2.60.0'"
+# Ray is already in the base image; the pin keeps pip from replacing it. Install from your mirror of PyPI
+# (PIP_INDEX_URL): vllm's CUDA wheels and torch come from there.
+RUN pip install --no-cache-dir "ray[serve]==2.60.0" ".[gpu]" \
+ && python -c "import amalia_serve, ray, vllm; assert ray.__version__ == '2.60.0'; print('vllm', vllm.__version__)"
 
-# Weights come from a mounted volume only (the chart sets these too).
-ENV HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONDONTWRITEBYTECODE=1
+# Weights come from a mounted volume only, and nothing phones home (the chart sets these too).
+ENV HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONDONTWRITEBYTECODE=1 \
+    VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1
 USER 1000
