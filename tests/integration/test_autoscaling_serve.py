@@ -141,7 +141,7 @@ async def run_cycle(base_url: str, metrics_url: str, watcher: ReplicaWatcher) ->
     await wait_until(holds(DPO, idle), 60, "dpo at 0")
     async with httpx.AsyncClient(base_url=base_url, timeout=600) as client:
         readyz = await client.get("/readyz")
-        readyz_at_zero = {"status": readyz.status_code, **readyz.json()}
+        readyz_at_zero = {"http_status": readyz.status_code, **readyz.json()}
         await asyncio.sleep(3)
         readyz_at_zero["still_idle"] = holds(DPO, idle)()
         cold_start = await record_chat(client, DPO, [{"role": "user", "content": "Olá!"}], 16)
@@ -258,7 +258,7 @@ def test_first_request_waits_for_a_replica_and_succeeds_when_variant_is_at_zero(
 
 def test_readiness_counts_a_variant_at_zero_as_ready_without_waking_it(cycle: Cycle) -> None:
     ready = cycle.readyz_at_zero
-    assert ready["status"] == 200, ready
+    assert ready["http_status"] == 200 and ready["status"] == "ready", ready
     assert ready["scaled_to_zero"] == [DPO] and ready["variants"] == {SFT: True, DPO: True}
     assert ready["still_idle"], "asking /readyz woke the canary"
 
