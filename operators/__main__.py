@@ -8,8 +8,8 @@ import sys
 
 import kopf
 
-from amalia_operator.constants import TICK_INTERVAL_S
-from amalia_operator.rbac import PEERING_NAME
+from amalia_operator import kube
+from amalia_operator.constants import PEERING_NAME, TICK_INTERVAL_S
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         TICK_INTERVAL_S,
         "standalone" if args.standalone else f"peering {args.peering!r}",
     )
+    if not args.standalone:
+        kube.ensure_peering(kube.custom_objects_api(), args.peering, args.namespace)
     kopf.run(
         clusterwide=not args.namespace,
         namespaces=args.namespace,

@@ -234,6 +234,10 @@ BAD: list[tuple[str, dict[str, Any], str]] = [
         "'canary' is a required property",
     ),
     ("negative failure limit", with_spec(analysis={"failureLimit": -1}), "minimum of 0"),
+    ("negative min requests", with_spec(analysis={"minRequests": -5}), "minimum of 0"),
+    ("negative inconclusive limit", with_spec(analysis={"inconclusiveLimit": -1}), "minimum of 0"),
+    ("bad initial delay", with_spec(analysis={"initialDelay": "soon"}), "does not match"),
+    ("bad outage limit", with_spec(analysis={"outageLimit": "10"}), "does not match"),
 ]
 
 
