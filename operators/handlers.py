@@ -36,6 +36,7 @@ from amalia_operator.constants import (
     VERSION,
 )
 from amalia_operator.models import RolloutSpec, RolloutStatus
+from amalia_operator.patches import merge_patch
 from amalia_operator.rollout import (
     ACTIONS,
     Action,
@@ -144,11 +145,8 @@ def _record(
     logger: kopf.Logger,
 ) -> None:
     old, new = current.wire(), decision.status.wire()
-    for key in old.keys() - new.keys():
-        patch.status[key] = None  # merge patch: null removes what the new status no longer has
-    for key, value in new.items():
-        if old.get(key) != value:
-            patch.status[key] = value
+    for key, value in merge_patch(old, new).items():
+        patch.status[key] = value
     if raw_action is not None and (decision.action_consumed or raw_action not in ACTIONS):
         patch.metadata.annotations[ACTION_ANNOTATION] = None
         if raw_action not in ACTIONS:

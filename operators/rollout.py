@@ -218,9 +218,9 @@ class _Tick:
     # --- transitions -------------------------------------------------------------------------
     def run(self) -> None:
         if self.status.rollout_hash != rollout_hash(self.spec):
+            # A pending action waits for the next tick: it was meant for the old spec's stage.
             self._start(restart=self.status.rollout_hash is not None)
-            return
-        if self.obs.action is not None:
+        elif self.obs.action is not None:
             self.action_consumed = True
             if self._act(self.obs.action):
                 return
@@ -262,14 +262,14 @@ class _Tick:
             last_analysis=old.last_analysis,
         )
         self._enter("Deploying", f"deploying canary {self.spec.canary.name}")
-        self.edit = self._weights_edit(0, add_canary=True)
         if restart:
             self.events.append(
                 Event("Normal", "RolloutRestarted", "spec changed: starting at step 0")
             )
 
     def _act(self, action: Action) -> bool:
-        """Applies a person's action; returns True when it decided this tick."""
+        """Applies a person's action; returns True when it decided this tick (a retry does not:
+        the stage it starts over in runs at once)."""
         stage = self.status.stage
         if action == "abort" and stage in ACTIVE_STAGES:
             self.status.aborted_at = rfc3339(self.now)
@@ -278,7 +278,7 @@ class _Tick:
         if action == "retry" and stage in ("RolledBack", "RollingBack", "Failed"):
             self._start(restart=False)
             self.events.append(Event("Normal", "RolloutRetried", "retry: starting at step 0"))
-            return True
+            return False
         if action == "promote" and stage == "Stepping":
             step, index = self._step(), self.status.step_index
             if step is not None and step.pause is not None:
@@ -315,7 +315,9 @@ class _Tick:
                 "a rollout moves the stable's share, and it has none",
             )
             return
-        if canary not in serve.variants:
+        if canary not in serve.variants or serve.weights.get(canary) != 0:
+            # A new canary comes with weight 0; one left from before a restart goes back to 0
+            # (and back into the weights, which a rollback may have taken it out of).
             self.edit = self._weights_edit(0, add_canary=True)
             return
         health = serve.deployment_status.get(canary, "missing")

@@ -2,24 +2,22 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 import pytest
+from rollout_world import World, measured
 
-from amalia_operator.models import Measurement, MetricResult, RolloutSpec, RolloutStatus
+from amalia_operator.models import RolloutSpec, RolloutStatus
 from amalia_operator.rollout import (
-    Decision,
     Observations,
     ServeEdit,
-    ServeObservation,
     advance,
     measurement_due,
     rfc3339,
     split_weights,
 )
 
-T0 = datetime(2026, 11, 26, 12, 0, 0, tzinfo=UTC)
 STABLE, CANARY = "amalia-sft", "amalia-new"
 # Variants the rollout does not own: their weights must never move.
 OTHERS = {"amalia-dpo": 10, "amalia-base": 0}
@@ -51,78 +49,14 @@ def edit(percent: int, add: bool = False, remove: tuple[str, ...] = ()) -> Serve
     return ServeEdit(STABLE, CANARY, percent, add, remove)
 
 
-def measured(outcome: str, value: float | None = 0.0) -> Measurement:
-    result = MetricResult(metric="error-rate", outcome=outcome, value=value, max=0.01)  # type: ignore[arg-type]
-    return Measurement(outcome=outcome, time=rfc3339(T0), results=[result])  # type: ignore[arg-type]
-
-
-class World:
-    """A RayService that applies edits and reports the canary healthy once it is deployed."""
-
-    def __init__(self, spec: RolloutSpec, healthy: bool = True):
-        self.spec, self.healthy = spec, healthy
-        self.variants: list[str] = [STABLE, *OTHERS]
-        self.weights: dict[str, int] = {STABLE: 90, **OTHERS}
-        self.status = RolloutStatus()
-        self.now = T0
-        self.edits: list[ServeEdit] = []
-        self.decisions: list[Decision] = []
-
-    def observe(self) -> ServeObservation:
-        health = {v: "HEALTHY" if self.healthy else "UPDATING" for v in self.variants}
-        return ServeObservation(tuple(self.variants), dict(self.weights), health)
-
-    def tick(
-        self,
-        measurement: Measurement | None = None,
-        action: str | None = None,
-        after: timedelta = timedelta(seconds=5),
-        generation: int = 1,
-    ) -> Decision:
-        self.now += after
-        if measurement is not None:  # measured now, as the handler would
-            measurement = measurement.model_copy(update={"time": rfc3339(self.now)})
-        obs = Observations(self.observe(), measurement, action)  # type: ignore[arg-type]
-        decision = advance(self.spec, generation, self.status, obs, self.now)
-        if decision.edit is not None:
-            self.apply(decision.edit)
-        self.status = decision.status
-        self.decisions.append(decision)
-        return decision
-
-    def apply(self, change: ServeEdit) -> None:
-        """Like serveconfig.apply_edit: an application goes only once its weight is gone."""
-        self.edits.append(change)
-        for name in change.remove:
-            if name in self.variants and name not in self.weights:
-                self.variants.remove(name)
-        if change.add_canary and change.canary not in self.variants:
-            self.variants.append(change.canary)
-        self.weights = split_weights(self.weights, change)
-
-    def run_to_step(self, index: int) -> None:
-        """Ticks (passing analyses, promoting pauses) until status.stepIndex == index."""
-        for _ in range(50):
-            if self.status.stage == "Stepping" and self.status.step_index == index:
-                return
-            step = self.current_step()
-            if step is not None and "analysis" in step:
-                self.tick(measured("Successful"), after=timedelta(minutes=1))
-            elif step is not None and step.get("pause") == {}:
-                self.tick(action="promote")
-            else:
-                self.tick(after=timedelta(minutes=6))
-        raise AssertionError(f"never reached step {index}: {self.status}")
-
-    def current_step(self) -> dict[str, Any] | None:
-        if self.status.stage != "Stepping" or self.status.step_index >= len(self.spec.steps):
-            return None
-        return self.spec.steps[self.status.step_index].wire()
+def make_world(spec: RolloutSpec, healthy: bool = True) -> World:
+    """The rollout's RayService: the stable with 90, and OTHERS, which it must leave alone."""
+    return World(spec, {STABLE: 90, **OTHERS}, healthy)
 
 
 # === starting ===
 def test_rollout_adds_canary_at_weight_zero_when_created() -> None:
-    world = World(make_spec())
+    world = make_world(make_spec())
     decision = world.tick()
     assert decision.edit == edit(0, add=True)
     assert world.weights == {STABLE: 90, **OTHERS, CANARY: 0}
@@ -133,7 +67,7 @@ def test_rollout_adds_canary_at_weight_zero_when_created() -> None:
 
 
 def test_rollout_waits_when_canary_not_healthy() -> None:
-    world = World(make_spec(), healthy=False)
+    world = make_world(make_spec(), healthy=False)
     world.tick()
     decision = world.tick()
     assert decision.edit is None
@@ -142,7 +76,7 @@ def test_rollout_waits_when_canary_not_healthy() -> None:
 
 
 def test_rollout_rolls_back_when_canary_misses_progress_deadline() -> None:
-    world = World(make_spec(), healthy=False)
+    world = make_world(make_spec(), healthy=False)
     world.tick()
     decision = world.tick(after=timedelta(seconds=601))
     assert decision.status.phase == "RolledBack"
@@ -150,29 +84,34 @@ def test_rollout_rolls_back_when_canary_misses_progress_deadline() -> None:
     assert decision.events[0].reason == "CanaryUnhealthy"
 
 
-def test_rollout_fails_when_stable_variant_missing() -> None:
-    world = World(make_spec())
+def test_rollout_fails_without_editing_when_stable_variant_missing() -> None:
+    world = make_world(make_spec())
     world.variants = ["someone-else"]
-    world.tick()  # the edit adds the canary; the stable is still absent
     decision = world.tick()
-    assert decision.status.phase == "Failed"
+    assert decision.status.phase == "Failed" and decision.edit is None
     assert decision.events[-1].reason == "StableVariantNotFound"
 
 
-def test_rollout_fails_when_stable_has_no_traffic_to_move() -> None:
-    world = World(make_spec())
+def test_rollout_fails_without_editing_when_stable_has_no_traffic_to_move() -> None:
+    world = make_world(make_spec())
     world.weights = {STABLE: 0, "amalia-dpo": 100}
     decision = world.tick()
-    assert decision.edit == edit(0, add=True)
-    decision = world.tick()
-    assert decision.status.phase == "Failed" and decision.events[-1].reason == "NothingToMove"
+    assert decision.status.phase == "Failed" and decision.edit is None
+    assert decision.events[-1].reason == "NothingToMove"
     assert "has weight 0" in decision.status.message
-    assert world.weights == {STABLE: 0, "amalia-dpo": 100, CANARY: 0}
+
+
+def test_rollout_waits_without_editing_when_rayservice_not_found() -> None:
+    world = make_world(make_spec())
+    now = world.now + timedelta(seconds=5)
+    decision = advance(world.spec, 1, world.status, Observations(None), now)
+    assert decision.edit is None and decision.status.stage == "Deploying"
+    assert "waiting for RayService amalia" in decision.status.message
 
 
 # === traffic: only the stable's share moves ===
 def test_rollout_sets_canary_share_of_stable_traffic_when_step_is_set_weight() -> None:
-    world = World(make_spec())
+    world = make_world(make_spec())
     world.tick()
     assert world.tick().status.stage == "Stepping"  # canary healthy
     decision = world.tick()
@@ -183,7 +122,7 @@ def test_rollout_sets_canary_share_of_stable_traffic_when_step_is_set_weight() -
 
 
 def test_rollout_keeps_every_other_variants_weight_when_moving_traffic_to_the_end() -> None:
-    world = World(make_spec())
+    world = make_world(make_spec())
     canary_weights: list[int] = []
     for _ in range(60):
         if world.status.phase == "Promoted":
@@ -235,7 +174,7 @@ def test_split_weights_refuses_to_remove_a_variant_that_would_keep_traffic() -> 
 def test_rollout_leaves_timed_pause_only_when_duration_elapsed(
     elapsed: timedelta, moved: bool
 ) -> None:
-    world = World(make_spec())
+    world = make_world(make_spec())
     world.run_to_step(1)
     started = world.now
     decision = world.tick(after=timedelta(0))
@@ -247,7 +186,7 @@ def test_rollout_leaves_timed_pause_only_when_duration_elapsed(
 
 
 def test_rollout_waits_for_a_person_when_pause_is_indefinite() -> None:
-    world = World(make_spec())
+    world = make_world(make_spec())
     world.run_to_step(4)
     decision = world.tick(after=timedelta(days=3))
     assert decision.status.step_index == 4
@@ -260,7 +199,7 @@ def test_rollout_waits_for_a_person_when_pause_is_indefinite() -> None:
 
 
 def test_rollout_promotes_fully_when_promote_requested_outside_a_pause() -> None:
-    world = World(make_spec())
+    world = make_world(make_spec())
     world.run_to_step(2)
     decision = world.tick(action="promote")
     assert decision.status.stage == "Promoting"
@@ -271,7 +210,7 @@ def test_rollout_promotes_fully_when_promote_requested_outside_a_pause() -> None
 # === analysis ===
 def test_rollout_measures_only_after_initial_delay_and_interval_when_analysing() -> None:
     spec = make_spec([{"pause": {"duration": "1m"}}, {"setWeight": 10}, {"analysis": {}}])
-    world = World(spec.model_copy(update={"analysis": make_spec(initialDelay="2m").analysis}))
+    world = make_world(spec.model_copy(update={"analysis": make_spec(initialDelay="2m").analysis}))
     world.run_to_step(0)
     assert not measurement_due(world.spec, world.status, world.now)  # a pause measures nothing
     world.run_to_step(2)
@@ -288,7 +227,7 @@ def test_rollout_measures_only_after_initial_delay_and_interval_when_analysing()
 
 
 def test_rollout_passes_analysis_when_measurement_successful() -> None:
-    world = World(make_spec())
+    world = make_world(make_spec())
     world.run_to_step(2)
     decision = world.tick(measured("Successful", 0.001))
     assert decision.status.step_index == 3
@@ -296,7 +235,7 @@ def test_rollout_passes_analysis_when_measurement_successful() -> None:
 
 
 def test_rollout_rolls_back_when_analysis_fails_and_names_metric() -> None:
-    world = World(make_spec())
+    world = make_world(make_spec())
     world.run_to_step(2)
     decision = world.tick(measured("Failed", 0.25))
     assert decision.status.phase == "RolledBack"
@@ -312,7 +251,7 @@ def test_rollout_rolls_back_when_analysis_fails_and_names_metric() -> None:
 
 
 def test_rollout_never_fails_on_inconclusive_and_pauses_for_a_person_past_the_limit() -> None:
-    world = World(make_spec(inconclusiveLimit=2))
+    world = make_world(make_spec(inconclusiveLimit=2))
     world.run_to_step(2)
     for n in (1, 2):
         decision = world.tick(measured("Inconclusive", None), after=timedelta(minutes=1))
@@ -330,14 +269,14 @@ def test_rollout_never_fails_on_inconclusive_and_pauses_for_a_person_past_the_li
 
 
 def test_rollout_rolls_back_when_aborted_during_inconclusive_pause() -> None:
-    world = World(make_spec(inconclusiveLimit=0))
+    world = make_world(make_spec(inconclusiveLimit=0))
     world.run_to_step(2)
     assert world.tick(measured("Inconclusive", None)).status.phase == "Paused"
     assert world.tick(action="abort").status.phase == "RolledBack"
 
 
 def test_rollout_pauses_analysis_during_prometheus_outage_and_resumes_counting_after() -> None:
-    world = World(make_spec(outageLimit="5m"))
+    world = make_world(make_spec(outageLimit="5m"))
     world.run_to_step(2)
     first = world.tick(measured("Error", None), after=timedelta(minutes=1))
     assert first.status.phase == "Progressing" and first.edit is None
@@ -353,7 +292,7 @@ def test_rollout_pauses_analysis_during_prometheus_outage_and_resumes_counting_a
 
 
 def test_rollout_rolls_back_when_prometheus_outage_outlasts_its_limit() -> None:
-    world = World(make_spec(outageLimit="5m"))
+    world = make_world(make_spec(outageLimit="5m"))
     world.run_to_step(2)
     world.tick(measured("Error", None), after=timedelta(minutes=1))
     world.tick(measured("Error", None), after=timedelta(minutes=4, seconds=59))
@@ -365,7 +304,7 @@ def test_rollout_rolls_back_when_prometheus_outage_outlasts_its_limit() -> None:
 
 
 def test_rollout_needs_success_count_passes_when_configured() -> None:
-    world = World(make_spec(successCount=2))
+    world = make_world(make_spec(successCount=2))
     world.run_to_step(2)
     assert world.tick(measured("Successful")).status.step_index == 2
     assert world.tick(measured("Successful"), after=timedelta(minutes=1)).status.step_index == 3
@@ -374,7 +313,7 @@ def test_rollout_needs_success_count_passes_when_configured() -> None:
 # === abort, promotion, rollback cleanup, retry ===
 @pytest.mark.parametrize("step", range(len(STEPS)))
 def test_rollout_rolls_back_when_aborted_at_any_step(step: int) -> None:
-    world = World(make_spec())
+    world = make_world(make_spec())
     world.run_to_step(step)
     decision = world.tick(action="abort")
     assert decision.status.phase == "RolledBack"
@@ -389,13 +328,13 @@ def test_rollout_rolls_back_when_aborted_at_any_step(step: int) -> None:
 
 
 def test_rollout_rolls_back_when_aborted_while_deploying() -> None:
-    world = World(make_spec(), healthy=False)
+    world = make_world(make_spec(), healthy=False)
     world.tick()
     assert world.tick(action="abort").status.phase == "RolledBack"
 
 
 def test_rollout_promotes_and_removes_old_stable_after_delay_when_steps_pass() -> None:
-    world = World(make_spec())
+    world = make_world(make_spec())
     world.run_to_step(len(STEPS))
     promoting = world.tick()
     assert promoting.edit == edit(100)
@@ -416,7 +355,7 @@ def test_rollout_promotes_and_removes_old_stable_after_delay_when_steps_pass() -
 
 
 def test_rollout_removes_canary_after_delay_when_rolled_back() -> None:
-    world = World(make_spec())
+    world = make_world(make_spec())
     world.run_to_step(3)
     world.tick(action="abort")
     edits = [world.tick(after=timedelta(seconds=31)).edit, world.tick().edit]
@@ -428,7 +367,7 @@ def test_rollout_removes_canary_after_delay_when_rolled_back() -> None:
 
 
 def test_rollout_restarts_when_retry_requested_after_rollback() -> None:
-    world = World(make_spec())
+    world = make_world(make_spec())
     world.run_to_step(2)
     world.tick(measured("Failed", 1.0))
     world.tick(after=timedelta(minutes=1))
@@ -438,7 +377,7 @@ def test_rollout_restarts_when_retry_requested_after_rollback() -> None:
 
 
 def test_rollout_ignores_action_when_it_does_not_apply() -> None:
-    world = World(make_spec())
+    world = make_world(make_spec())
     world.run_to_step(0)
     before = world.status
     decision = world.tick(action="retry", after=timedelta(0))
@@ -448,7 +387,7 @@ def test_rollout_ignores_action_when_it_does_not_apply() -> None:
 
 
 def test_rollout_restarts_at_step_zero_when_steps_change() -> None:
-    world = World(make_spec())
+    world = make_world(make_spec())
     world.run_to_step(3)
     world.spec = make_spec(steps=[{"setWeight": 20}, {"analysis": {}}])
     decision = world.tick(generation=2)
@@ -468,7 +407,7 @@ def rename_canary(world: World) -> None:
 
 
 def test_rollout_removes_renamed_canary_weight_first_when_spec_changes() -> None:
-    world = World(make_spec())
+    world = make_world(make_spec())
     world.run_to_step(3)  # the old canary takes 10% of the stable's share
     rename_canary(world)
     first = world.tick(generation=2)
@@ -484,7 +423,7 @@ def test_rollout_removes_renamed_canary_weight_first_when_spec_changes() -> None
 
 
 def test_rollout_removes_renamed_specs_old_canary_when_aborted_during_its_removal() -> None:
-    world = World(make_spec())
+    world = make_world(make_spec())
     world.run_to_step(3)
     rename_canary(world)
     world.tick(generation=2)  # old canary's weight gone, its application still there
@@ -501,7 +440,7 @@ def test_rollout_removes_renamed_specs_old_canary_when_aborted_during_its_remova
 
 # === idempotence and resume ===
 def test_rollout_is_noop_when_ticked_again_with_same_inputs() -> None:
-    world = World(make_spec())
+    world = make_world(make_spec())
     world.run_to_step(4)  # indefinite pause
     first = world.tick()
     second = world.tick()
@@ -518,7 +457,7 @@ def test_rollout_is_noop_when_ticked_again_with_same_inputs() -> None:
 
 
 def test_rollout_keeps_last_transition_time_when_condition_status_unchanged() -> None:
-    world = World(make_spec(), healthy=False)
+    world = make_world(make_spec(), healthy=False)
     world.tick()
     since = world.status.condition("Progressing").last_transition_time  # type: ignore[union-attr]
     world.tick(after=timedelta(minutes=3))
@@ -529,7 +468,7 @@ def test_rollout_keeps_last_transition_time_when_condition_status_unchanged() ->
 
 def test_rollout_resumes_identically_when_restarted_from_any_status() -> None:
     """A restarted operator only has the stored status (JSON): it must decide exactly the same."""
-    world = World(make_spec(failureLimit=1))
+    world = make_world(make_spec(failureLimit=1))
     script: list[dict[str, Any]] = [
         {},
         {},
