@@ -49,22 +49,36 @@ PEERING_LIFETIME_S = int(os.getenv("AMALIA_OPERATOR_PEERING_LIFETIME_S", "15"))
 # Names Ray exports for the per-variant series (serve/metrics.py; Ray adds `ray_` and `_total`).
 REQUESTS_TOTAL_METRIC = "ray_amalia_requests_total"
 TTFT_BUCKET_METRIC = "ray_amalia_time_to_first_token_seconds_bucket"
+
+
+def window_increase(selector: str) -> str:
+    """Per-series increments of a counter over `$window`, a series born inside it counted whole.
+
+    Ray exports a labelled series only after its first increment, and pushes what it counted every
+    report interval, so a series is often born with a value above 1. increase() and rate() see
+    nothing before a series' first sample: a burst of failures that gives birth to the 5xx series
+    would be invisible to them. A series that did not exist a window ago started from 0 inside it,
+    so its whole value is what it counted; the others count with increase().
+    """
+    return (
+        f"(increase({selector}[$window]) and {selector} offset $window)"
+        f" or ({selector} unless {selector} offset $window)"
+    )
+
+
 # `$variant` and `$window` are substituted per query (string.Template: PromQL is full of braces);
 # one edit here fixes every default query.
+_CANARY_REQUESTS = f'{REQUESTS_TOTAL_METRIC}{{variant="$variant"}}'
+_CANARY_5XX = f'{REQUESTS_TOTAL_METRIC}{{variant="$variant",status_class="5xx"}}'
+_CANARY_TTFT = f'{TTFT_BUCKET_METRIC}{{variant="$variant"}}'
 # The canary's requests in the window: a measurement counts only when this reaches minRequests.
-REQUESTS_QUERY = f'sum(increase({REQUESTS_TOTAL_METRIC}{{variant="$variant"}}[$window]))'
+REQUESTS_QUERY = f"sum({window_increase(_CANARY_REQUESTS)})"
 BUILTIN_QUERIES: dict[str, str] = {
-    # Ray exports a labelled series only after its first increment: a canary that never failed has
-    # no 5xx series at all, so `or vector(0)` reads that as 0 errors. When the canary served
-    # nothing the denominator is empty and the whole query has no data (judged inconclusive).
-    "error-rate": (
-        f'(sum(rate({REQUESTS_TOTAL_METRIC}{{variant="$variant",status_class="5xx"}}[$window]))'
-        " or vector(0))"
-        f' / sum(rate({REQUESTS_TOTAL_METRIC}{{variant="$variant"}}[$window]))'
-    ),
+    # A canary that never failed has no 5xx series at all: `or vector(0)` reads that as 0 errors.
+    # When the canary served nothing the denominator is empty and so is the answer (no data).
+    "error-rate": f"(sum({window_increase(_CANARY_5XX)}) or vector(0)) / {REQUESTS_QUERY}",
     "ttft-p95-seconds": (
-        "histogram_quantile(0.95, sum by (le) "
-        f'(rate({TTFT_BUCKET_METRIC}{{variant="$variant"}}[$window])))'
+        f"histogram_quantile(0.95, sum by (le) ({window_increase(_CANARY_TTFT)}))"
     ),
 }
 DEFAULT_METRICS: list[dict[str, object]] = [

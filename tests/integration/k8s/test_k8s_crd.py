@@ -63,6 +63,11 @@ def test_crd_refuses_object_with_clear_message_when_invalid(crds: Cluster, case:
     assert 'The ModelRollout "bad" is invalid' in message and case.server in message, message
 
 
+def write_status(api: client.CustomObjectsApi, name: str, body: dict[str, Any]) -> Any:
+    """A merge patch to the ModelRollout's status subresource, as kopf sends them."""
+    return api.patch_namespaced_custom_object_status(GROUP, VERSION, NS, PLURAL, name, body)
+
+
 def statuses_of_a_rollout() -> list[dict[str, Any]]:
     """Every status a rollout writes on its way (pure state machine, simulated RayService):
     analysis progress, an outage, an inconclusive halt, the whole split, conditions."""
@@ -102,12 +107,8 @@ def test_status_subresource_keeps_every_status_field_the_operator_writes(
     api.create_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, body)
     seen_keys: set[str] = set()
     for status in statuses_of_a_rollout():
-        api.patch_namespaced_custom_object_status(
-            GROUP, VERSION, NS, PLURAL, "status-roundtrip", {"status": None}
-        )
-        api.patch_namespaced_custom_object_status(
-            GROUP, VERSION, NS, PLURAL, "status-roundtrip", {"status": status}
-        )
+        write_status(api, "status-roundtrip", {"status": None})
+        write_status(api, "status-roundtrip", {"status": status})
         stored = api.get_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, "status-roundtrip")
         assert stored["status"] == status
         seen_keys |= set(status) | set(status.get("analysis") or {})
@@ -123,26 +124,16 @@ def test_status_and_spec_are_written_only_through_their_own_endpoints(
     api.patch_namespaced_custom_object(
         GROUP, VERSION, NS, PLURAL, "subresource", {"status": {"phase": "Promoted"}}
     )
-    api.patch_namespaced_custom_object_status(
-        GROUP,
-        VERSION,
-        NS,
-        PLURAL,
-        "subresource",
-        {"spec": {"rayServiceName": "other"}, "status": {"phase": "Paused"}},
+    write_status(
+        api, "subresource", {"spec": {"rayServiceName": "other"}, "status": {"phase": "Paused"}}
     )
     stored = api.get_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, "subresource")
     assert stored["status"] == {"phase": "Paused"}  # the main endpoint's status was dropped
     assert stored["spec"]["rayServiceName"] == "amalia"  # /status does not write spec
     assert stored["metadata"]["generation"] == 1  # status writes do not bump the generation
     with pytest.raises(ApiException) as refused:
-        api.patch_namespaced_custom_object_status(
-            GROUP,
-            VERSION,
-            NS,
-            PLURAL,
-            "subresource",
-            {"status": {"conditions": [{"type": "Ready", "status": "Maybe"}]}},
+        write_status(
+            api, "subresource", {"status": {"conditions": [{"type": "Ready", "status": "Maybe"}]}}
         )
     assert refused.value.status == 422 and "Unsupported value" in str(refused.value.body)
 
