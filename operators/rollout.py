@@ -271,7 +271,12 @@ class _Tick:
         """Applies a person's action; returns True when it decided this tick (a retry does not:
         the stage it starts over in runs at once)."""
         stage = self.status.stage
-        if action == "abort" and stage in ACTIVE_STAGES:
+        serve = self.obs.serve
+        # Late in a promotion the old stable's application may be gone already: rolling back
+        # then would give its share to nothing (the ingress refuses weight for a missing
+        # application and would keep routing to the canary being removed).
+        stable_gone = serve is not None and self.spec.stable.name not in serve.variants
+        if action == "abort" and stage in ACTIVE_STAGES and not stable_gone:
             self.status.aborted_at = rfc3339(self.now)
             self._rollback("Aborted", "aborted by a person")
             return True

@@ -327,6 +327,18 @@ def test_rollout_rolls_back_when_aborted_at_any_step(step: int) -> None:
     assert analysing is None or analysing.reason != "Running"
 
 
+def test_rollout_ignores_abort_when_old_stable_application_is_already_gone() -> None:
+    world = make_world(make_spec())
+    world.run_to_step(len(STEPS))
+    world.tick()  # Promoting
+    world.tick(after=timedelta(seconds=31))  # the old stable's weight goes
+    world.tick()  # and then its application
+    assert STABLE not in world.variants and world.status.stage == "Promoting"
+    decision = world.tick(action="abort")
+    assert decision.action_consumed and decision.events[0].reason == "ActionIgnored"
+    assert decision.status.phase == "Promoted" and world.weights == {**OTHERS, CANARY: 90}
+
+
 def test_rollout_rolls_back_when_aborted_while_deploying() -> None:
     world = make_world(make_spec(), healthy=False)
     world.tick()
