@@ -73,7 +73,7 @@ def _step_line(status: RolloutStatus, steps: list[dict[str, Any]]) -> str:
         how = "aborted" if status.aborted_at else status.stage.lower()
         return f"stopped at {here}{text}: {how}"
     if status.stage in ("Promoting", "Promoted"):
-        return f"{here} (all steps done)" if index == len(steps) else f"{here}{text}: promoted"
+        return f"{here} (all steps done)"  # a promotion in full also ends at len(steps)
     if status.stage == "Deploying":
         return f"{here} (waiting for the canary to be healthy)"
     return here + text
