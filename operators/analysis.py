@@ -40,10 +40,6 @@ class Answer:
     value: float | None
     error: str | None = None
 
-    @property
-    def message(self) -> str:
-        return self.error or ("no data" if self.value is None else "")
-
 
 def render_query(template: str, variant: str, window: str) -> str:
     return string.Template(template).safe_substitute(variant=variant, window=window)
