@@ -10,8 +10,7 @@ import argparse
 import logging
 import sys
 
-from amalia_operator.constants import TICK_INTERVAL_S
-from amalia_operator.rbac import PEERING_NAME
+from amalia_operator.constants import PEERING_NAME, TICK_INTERVAL_S
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
     import kopf
 
     import amalia_operator.handlers  # noqa: F401  (registers the handlers with kopf)
+    from amalia_operator import kube
 
     scope = ", ".join(args.namespace) if args.namespace else "all namespaces"
     logging.getLogger("amalia_operator").info(
@@ -70,6 +70,8 @@ def run(args: argparse.Namespace) -> int:
         TICK_INTERVAL_S,
         "standalone" if args.standalone else f"peering {args.peering!r}",
     )
+    if not args.standalone:
+        kube.ensure_peering(kube.custom_objects_api(), args.peering, args.namespace)
     kopf.run(
         clusterwide=not args.namespace,
         namespaces=args.namespace,

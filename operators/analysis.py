@@ -1,8 +1,16 @@
 """Canary analysis: Prometheus instant queries judged against thresholds.
 
-Each metric yields Successful, Failed or Inconclusive. Inconclusive covers everything that is not
-evidence of health: Prometheus unreachable, an HTTP or PromQL error, no series, NaN (0/0 when the
-canary served nothing). The state machine counts it toward the failure limit; it is never a pass.
+A measurement first asks how many requests the canary served in the window. Fewer than
+`minRequests` is no evidence either way: the measurement is Inconclusive and the metrics are not
+judged. Then each metric yields Successful, Failed, Inconclusive (no data, NaN) or Error
+(Prometheus unreachable, an HTTP or PromQL error). The measurement is Failed if any metric failed
+(evidence beats silence), else Error if Prometheus failed to answer, else Inconclusive, else
+Successful. The state machine counts Failed toward the failure limit, Inconclusive toward the
+inconclusive limit, and pauses on Error: an outage says nothing about the canary.
+
+Ray exports a labelled series only after its first increment, so "no data" means different things
+per query: the built-in error rate turns "no 5xx series" into 0 (`or vector(0)`), and a canary that
+served nothing is caught by the request count before any metric is read.
 """
 
 from __future__ import annotations
@@ -10,85 +18,106 @@ from __future__ import annotations
 import logging
 import math
 import string
+from dataclasses import dataclass
 from datetime import datetime
 
 import aiohttp
 
-from amalia_operator.constants import PROMETHEUS_TIMEOUT_S
+from amalia_operator.constants import PROMETHEUS_TIMEOUT_S, REQUESTS_QUERY
 from amalia_operator.models import AnalysisSettings, Measurement, Metric, MetricResult, Outcome
 from amalia_operator.rollout import rfc3339
 
 logger = logging.getLogger(__name__)
+# The request-count gate appears among a measurement's results under this name.
+REQUESTS_RESULT = "canary-requests"
+_SEVERITY: tuple[Outcome, ...] = ("Failed", "Error", "Inconclusive", "Successful")
 
 
-def render_query(metric: Metric, variant: str, window: str) -> str:
-    return string.Template(metric.promql()).safe_substitute(variant=variant, window=window)
+@dataclass(frozen=True)
+class Answer:
+    """One instant query's result: a value, no data (`value` None), or an `error`."""
+
+    value: float | None
+    error: str | None = None
 
 
-def judge(metric: Metric, value: float | None, message: str = "") -> MetricResult:
-    """Compares one value with the metric's bounds."""
-    if value is None or math.isnan(value):
+def render_query(template: str, variant: str, window: str) -> str:
+    return string.Template(template).safe_substitute(variant=variant, window=window)
+
+
+def judge(metric: Metric, answer: Answer) -> MetricResult:
+    """Compares one answer with the metric's bounds."""
+    bounds = {"metric": metric.name, "min": metric.min, "max": metric.max}
+    if answer.error is not None:
+        return MetricResult(**bounds, outcome="Error", message=answer.error)
+    if answer.value is None or math.isnan(answer.value):
+        return MetricResult(**bounds, outcome="Inconclusive", message="no data")
+    failed = (metric.min is not None and answer.value < metric.min) or (
+        metric.max is not None and answer.value > metric.max
+    )
+    return MetricResult(**bounds, outcome="Failed" if failed else "Successful", value=answer.value)
+
+
+def judge_requests(answer: Answer, min_requests: int, window: str) -> MetricResult:
+    """The gate: enough canary requests in the window for the metrics to mean something."""
+    bounds = {"metric": REQUESTS_RESULT, "min": float(min_requests)}
+    if answer.error is not None:
+        return MetricResult(**bounds, outcome="Error", message=answer.error)
+    # No series at all: the canary has not served a single request since it started.
+    served = 0.0 if answer.value is None or math.isnan(answer.value) else answer.value
+    if served < min_requests or served == 0:
         return MetricResult(
-            metric=metric.name,
+            **bounds,
             outcome="Inconclusive",
-            value=None,
-            min=metric.min,
-            max=metric.max,
-            message=message or "no data",
+            value=served,
+            message=f"the canary served too few requests in {window} to judge",
         )
-    failed = (metric.min is not None and value < metric.min) or (
-        metric.max is not None and value > metric.max
-    )
-    outcome: Outcome = "Failed" if failed else "Successful"
-    return MetricResult(
-        metric=metric.name, outcome=outcome, value=value, min=metric.min, max=metric.max
-    )
+    return MetricResult(**bounds, outcome="Successful", value=served)
 
 
 def combine(results: list[MetricResult], now: datetime) -> Measurement:
     outcomes = {r.outcome for r in results}
-    outcome: Outcome = (
-        "Failed"
-        if "Failed" in outcomes
-        else "Inconclusive"
-        if "Inconclusive" in outcomes
-        else "Successful"
-    )
+    outcome = next((o for o in _SEVERITY if o in outcomes), "Successful")
     return Measurement(outcome=outcome, time=rfc3339(now), results=results)
 
 
-async def query(
-    session: aiohttp.ClientSession, base_url: str, promql: str
-) -> tuple[float | None, str]:
-    """One instant query; returns (value, "") or (None, why there is no value)."""
+async def query(session: aiohttp.ClientSession, base_url: str, promql: str) -> Answer:
+    """One instant query."""
     url = base_url.rstrip("/") + "/api/v1/query"
     try:
         async with session.get(url, params={"query": promql}) as resp:
             body = await resp.json(content_type=None)
             if resp.status != 200 or body.get("status") != "success":
-                return None, f"prometheus answered {resp.status}: {body.get('error', '')}".strip()
+                reason = f"prometheus answered {resp.status}: {body.get('error', '')}".strip()
+                return Answer(None, reason)
     except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
-        return None, f"prometheus unreachable: {type(exc).__name__}: {exc}"
+        return Answer(None, f"prometheus unreachable: {type(exc).__name__}: {exc}")
     data = body.get("data", {})
     series = data.get("result", [])
     if data.get("resultType") == "scalar":
-        return float(series[1]), ""
+        return Answer(float(series[1]))
     if not series:
-        return None, "no data"
+        return Answer(None)
     if len(series) > 1:
-        return None, f"query returned {len(series)} series; aggregate it to one"
-    return float(series[0]["value"][1]), ""
+        return Answer(None, f"query returned {len(series)} series; aggregate it to one")
+    return Answer(float(series[0]["value"][1]))
 
 
 async def measure(settings: AnalysisSettings, variant: str, now: datetime) -> Measurement:
-    """Evaluates every metric of `settings` for `variant` once."""
+    """Evaluates the request gate and then every metric of `settings` for `variant` once."""
     timeout = aiohttp.ClientTimeout(total=PROMETHEUS_TIMEOUT_S)
-    results = []
     async with aiohttp.ClientSession(timeout=timeout) as session:
-        for metric in settings.metrics:
-            promql = render_query(metric, variant, settings.window)
-            value, message = await query(session, settings.prometheus_url, promql)
-            result = judge(metric, value, message)
-            logger.info("analysis %s for %s: %s", metric.name, variant, result.describe())
-            results.append(result)
+
+        async def ask(template: str) -> Answer:
+            return await query(
+                session, settings.prometheus_url, render_query(template, variant, settings.window)
+            )
+
+        gate = judge_requests(await ask(REQUESTS_QUERY), settings.min_requests, settings.window)
+        results = [gate]
+        if gate.outcome == "Successful":
+            for metric in settings.metrics:
+                results.append(judge(metric, await ask(metric.promql())))
+    for result in results:
+        logger.info("analysis of %s: %s %s", variant, result.outcome, result.describe())
     return combine(results, now)

@@ -17,8 +17,8 @@ from kubernetes.client.exceptions import ApiException
 
 from amalia_operator.constants import ACTION_ANNOTATION, GROUP, PLURAL, VERSION
 from amalia_operator.kube import MERGE_PATCH, custom_objects_api
-from amalia_operator.models import RolloutStatus
-from amalia_operator.rollout import ACTIONS
+from amalia_operator.models import RolloutStatus, Step
+from amalia_operator.rollout import ACTIONS, describe_step
 
 BAR_WIDTH = 20
 
@@ -29,21 +29,24 @@ def weight_bar(weight: int) -> str:
 
 
 def format_status(obj: dict[str, Any]) -> str:
-    """Human summary: phase, step, canary weight as a bar, last analysis, conditions."""
+    """Human summary: phase, step, canary weight as a bar, the whole traffic split, last
+    analysis, conditions."""
     spec = obj.get("spec") or {}
     status = RolloutStatus.model_validate(obj.get("status") or {})
     steps = spec.get("steps") or []
     meta = obj.get("metadata") or {}
+    stable = (spec.get("stable") or {}).get("name", "?")
     lines = [
         f"Name:       {meta.get('namespace', '')}/{meta.get('name', '')}",
-        f"Stable:     {spec.get('stable', {}).get('name', '?')}",
-        f"Canary:     {spec.get('canary', {}).get('name', '?')}",
+        f"Stable:     {stable}",
+        f"Canary:     {(spec.get('canary') or {}).get('name', '?')}",
         f"Phase:      {status.phase}",
-        f"Step:       {min(status.step_index, len(steps))}/{len(steps)}"
-        + (f" ({_step_text(steps[status.step_index])})" if status.step_index < len(steps) else ""),
-        f"Weight:     {weight_bar(status.canary_weight)}",
-        f"Message:    {status.message or '-'}",
+        f"Step:       {_step_line(status, steps)}",
+        f"Weight:     {weight_bar(status.canary_weight)} of {stable}'s share",
     ]
+    if status.weights:
+        lines.append(f"Traffic:    {_split_text(status.weights)}")
+    lines.append(f"Message:    {status.message or '-'}")
     if status.observed_generation != meta.get("generation"):
         lines.append(
             f"(status describes generation {status.observed_generation}, "
@@ -61,13 +64,24 @@ def format_status(obj: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _step_text(step: dict[str, Any]) -> str:
-    if "setWeight" in step:
-        return f"setWeight {step['setWeight']}"
-    if "pause" in step:
-        duration = (step["pause"] or {}).get("duration")
-        return f"pause {duration}" if duration else "pause until promoted"
-    return "analysis"
+def _step_line(status: RolloutStatus, steps: list[dict[str, Any]]) -> str:
+    """Where the rollout is; a rollout that stopped says so instead of showing a running step."""
+    index = min(status.step_index, len(steps))
+    here = f"{index}/{len(steps)}"
+    text = f" ({describe_step(Step.model_validate(steps[index]))})" if index < len(steps) else ""
+    if status.stage in ("RollingBack", "RolledBack", "Failed"):
+        how = "aborted" if status.aborted_at else status.stage.lower()
+        return f"stopped at {here}{text}: {how}"
+    if status.stage in ("Promoting", "Promoted"):
+        return f"{here} (all steps done)"  # a promotion in full also ends at len(steps)
+    if status.stage == "Deploying":
+        return f"{here} (waiting for the canary to be healthy)"
+    return here + text
+
+
+def _split_text(weights: dict[str, int]) -> str:
+    total = sum(weights.values()) or 1
+    return ", ".join(f"{name} {w} ({100 * w / total:.3g}%)" for name, w in weights.items())
 
 
 def _default_namespace() -> str:

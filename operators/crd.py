@@ -14,12 +14,25 @@ from typing import Any
 
 import yaml
 
-from amalia_operator.constants import BUILTIN_QUERIES, GROUP, KIND, PLURAL, SHORT_NAMES, VERSION
-from amalia_operator.models import DURATION_PATTERN, VARIANT_NAME_PATTERN, WINDOW_PATTERN
+from amalia_operator.constants import (
+    BUILTIN_QUERIES,
+    GROUP,
+    KIND,
+    PEERING_GROUP,
+    PEERING_VERSION,
+    PLURAL,
+    SHORT_NAMES,
+    VERSION,
+)
+from amalia_operator.models import (
+    DURATION_PATTERN,
+    STEP_KINDS,
+    VARIANT_NAME_PATTERN,
+    WINDOW_PATTERN,
+)
 
 CRD_DIR = Path(__file__).parent / "crd"
 CRD_NAME = f"{PLURAL}.{GROUP}"
-PEERING_GROUP = "kopf.dev"
 
 Schema = dict[str, Any]
 
@@ -105,14 +118,14 @@ def _metric() -> Schema:
 
 
 def _step() -> Schema:
-    one_of = (
-        "(has(self.setWeight) ? 1 : 0) + (has(self.pause) ? 1 : 0) + (has(self.analysis) ? 1 : 0)"
-    )
+    kinds = ", ".join(STEP_KINDS)
+    one_of = " + ".join(f"(has(self.{kind}) ? 1 : 0)" for kind in STEP_KINDS)
     return _obj(
-        "One rollout step: exactly one of setWeight, pause, analysis.",
+        f"One rollout step: exactly one of {kinds}.",
         {
             "setWeight": _int(
-                "Percentage of the model alias's traffic sent to the canary.",
+                "Percentage of the stable variant's share of the traffic given to the canary; "
+                "every other variant keeps its weight.",
                 minimum=0,
                 maximum=100,
             ),
@@ -134,7 +147,7 @@ def _step() -> Schema:
                 },
             ),
         },
-        rules=[(f"{one_of} == 1", "a step must set exactly one of setWeight, pause, analysis")],
+        rules=[(f"{one_of} == 1", f"a step must set exactly one of {kinds}")],
     )
 
 
@@ -191,10 +204,30 @@ def _spec() -> Schema:
                     "window": _str(
                         "Range selector for rate() in queries (default 1m).", pattern=WINDOW_PATTERN
                     ),
-                    "failureLimit": _int(
-                        "Failed or inconclusive measurements tolerated per analysis "
-                        "step before rolling back (default 0).",
+                    "initialDelay": _str(
+                        "Wait after each change of the canary's weight before measuring, so "
+                        "the window holds traffic at the new weight (default 1m).",
+                        pattern=DURATION_PATTERN,
+                    ),
+                    "minRequests": _int(
+                        "Canary requests in the window a measurement needs to count; fewer "
+                        "(or none) make it inconclusive (default 20).",
                         minimum=0,
+                    ),
+                    "failureLimit": _int(
+                        "Failed measurements tolerated per analysis step before rolling back "
+                        "(default 0).",
+                        minimum=0,
+                    ),
+                    "inconclusiveLimit": _int(
+                        "Inconclusive measurements tolerated per analysis step; one more "
+                        "pauses the rollout until a person promotes or aborts (default 3).",
+                        minimum=0,
+                    ),
+                    "outageLimit": _str(
+                        "How long Prometheus may fail to answer before the rollout rolls back; "
+                        "until then the analysis pauses and counts nothing (default 10m).",
+                        pattern=DURATION_PATTERN,
                     ),
                     "successCount": _int(
                         "Successful measurements that pass an analysis step (default 1).", minimum=1
@@ -229,18 +262,19 @@ def _measurement(description: str) -> Schema:
         "One metric's verdict.",
         {
             "metric": _str("Metric name."),
-            "outcome": _str("Successful, Failed or Inconclusive."),
+            "outcome": _str("Successful, Failed, Inconclusive or Error."),
             "value": _num("Measured value; absent when there was none."),
             "min": _num("Lower threshold."),
             "max": _num("Upper threshold."),
-            "message": _str("Why there is no value, when there is none."),
+            "message": _str("Why there is no verdict, when there is none."),
         },
     )
     return _obj(
         description,
         {
             "outcome": _str(
-                "Successful, Failed or Inconclusive (a failure unless every metric passed)."
+                "Successful (every metric passed), Failed (one failed), Error (Prometheus did "
+                "not answer) or Inconclusive (too few canary requests, or no data)."
             ),
             "time": _str("When it was measured (RFC 3339).", format="date-time"),
             "results": _list("Per-metric verdicts.", result),
@@ -281,8 +315,19 @@ def _status() -> Schema:
                 "Canary variant this rollout added (a renamed spec's old canary until removed)."
             ),
             "stepIndex": _int("Index of the current step; len(steps) when all passed."),
-            "canaryWeight": _int("Canary's current traffic percentage."),
+            "canaryWeight": _int(
+                "Percentage of the stable's share of the traffic the canary has now."
+            ),
+            "weights": {
+                "type": "object",
+                "description": "The whole traffic split (variant -> weight) after the last tick.",
+                "additionalProperties": {"type": "integer"},
+            },
             "stepStartedAt": _str("When the current step started.", format="date-time"),
+            "weightChangedAt": _str(
+                "When the canary's weight last changed (analysis waits initialDelay after it).",
+                format="date-time",
+            ),
             "stageEnteredAt": _str("When the current stage started.", format="date-time"),
             "abortedAt": _str("When a person aborted.", format="date-time"),
             "analysis": _obj(
@@ -290,7 +335,16 @@ def _status() -> Schema:
                 {
                     "stepIndex": _int("Step this progress belongs to."),
                     "successes": _int("Successful measurements so far."),
-                    "failures": _int("Failed or inconclusive measurements so far."),
+                    "failures": _int("Failed measurements so far."),
+                    "inconclusive": _int("Inconclusive measurements so far."),
+                    "outageSince": _str(
+                        "Since when Prometheus has failed to answer, while it does.",
+                        format="date-time",
+                    ),
+                    "halted": {
+                        "type": "boolean",
+                        "description": "Too many inconclusive measurements: waiting for a person.",
+                    },
                     "last": _measurement("Latest measurement of this step."),
                 },
             ),
@@ -377,7 +431,7 @@ def peering_crd(scope: str) -> dict[str, Any]:
             "names": {"kind": kind, "plural": plural, "singular": kind.lower()},
             "versions": [
                 {
-                    "name": "v1",
+                    "name": PEERING_VERSION,
                     "served": True,
                     "storage": True,
                     "schema": {

@@ -27,13 +27,16 @@ from pydantic import ValidationError
 from amalia_operator import analysis, kube, serveconfig
 from amalia_operator.constants import (
     ACTION_ANNOTATION,
+    FINALIZER,
     GROUP,
+    PEERING_LIFETIME_S,
     PLURAL,
     PROGRESS_ANNOTATION_PREFIX,
     TICK_INTERVAL_S,
     VERSION,
 )
 from amalia_operator.models import RolloutSpec, RolloutStatus
+from amalia_operator.patches import merge_patch
 from amalia_operator.rollout import (
     ACTIONS,
     Action,
@@ -52,11 +55,17 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=PROGRESS_ANNOTATION_PREFIX, key="last-handled-configuration"
     )
+    settings.persistence.finalizer = FINALIZER
     # Equal priorities make every replica pause (kopf's conflict rule), so each replica draws its
     # own; the highest one works and the others stand by until its heartbeat stops.
     settings.peering.priority = int(
         os.getenv("AMALIA_OPERATOR_PRIORITY", str(random.SystemRandom().randint(1, 2**30)))
     )
+    # A replica killed without goodbye (SIGKILL, a lost node) keeps its peering record until
+    # this runs out; a standby takes over only then. A restart in the same pod does not wait:
+    # the chart sets POD_ID (kopf's peering identity) to the pod's name, and a replica ignores
+    # its own record.
+    settings.peering.lifetime = PEERING_LIFETIME_S
     # Our explicit events say what happened; kopf's per-log-line events would drown them.
     settings.posting.level = logging.WARNING
     if "rayservices" not in memo:
@@ -97,26 +106,32 @@ async def tick(
     observations = Observations(kube.observe(obj, rollout.application), measurement, action)
     decision = advance(rollout, int(meta.get("generation") or 0), current, observations, now)
 
+    weights = observations.serve.weights if observations.serve is not None else None
     if decision.edit is not None:
         edit = decision.edit
 
         def apply(text: str) -> str:
-            return serveconfig.apply_edit(
-                text, rollout.application, edit, rollout.canary, rollout.stable.name
-            )
+            return serveconfig.apply_edit(text, rollout.application, edit, rollout.canary)
 
         try:
-            changed = await asyncio.to_thread(
+            changed, text = await asyncio.to_thread(
                 rayservices.edit_serve_config, namespace, rollout.ray_service_name, apply
             )
-        except (kube.ConflictRetriesExhausted, LookupError, serveconfig.ServeConfigError) as exc:
+            weights = serveconfig.observe(text, rollout.application).weights
+        except (
+            kube.ConflictRetriesExhausted,
+            LookupError,
+            ValueError,  # ServeConfigError, or a split that cannot be made (rollout.split_weights)
+        ) as exc:
             raise kopf.TemporaryError(f"serveConfigV2 not updated: {exc}", delay=TICK_INTERVAL_S)
         logger.info(
             "RayService %s: %s (weights %s)",
             rollout.ray_service_name,
             "patched" if changed else "already up to date",
-            edit.weights,
+            weights,
         )
+    if weights is not None:
+        decision.status.weights = weights
 
     _record(decision, current, patch, raw_action, body, logger)
 
@@ -130,11 +145,8 @@ def _record(
     logger: kopf.Logger,
 ) -> None:
     old, new = current.wire(), decision.status.wire()
-    for key in old.keys() - new.keys():
-        patch.status[key] = None  # merge patch: null removes what the new status no longer has
-    for key, value in new.items():
-        if old.get(key) != value:
-            patch.status[key] = value
+    for key, value in merge_patch(old, new).items():
+        patch.status[key] = value
     if raw_action is not None and (decision.action_consumed or raw_action not in ACTIONS):
         patch.metadata.annotations[ACTION_ANNOTATION] = None
         if raw_action not in ACTIONS:

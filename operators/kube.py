@@ -21,7 +21,14 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from amalia_operator import serveconfig
-from amalia_operator.constants import CONFLICT_RETRIES, RAY_GROUP, RAY_PLURAL, RAY_VERSION
+from amalia_operator.constants import (
+    CONFLICT_RETRIES,
+    PEERING_GROUP,
+    PEERING_VERSION,
+    RAY_GROUP,
+    RAY_PLURAL,
+    RAY_VERSION,
+)
 from amalia_operator.rollout import DEPLOY_FAILED, HEALTHY, ServeObservation
 
 logger = logging.getLogger(__name__)
@@ -91,8 +98,11 @@ class RayServices:
             raise
         return obj
 
-    def edit_serve_config(self, namespace: str, name: str, edit: Callable[[str], str]) -> bool:
-        """Applies `edit` to the live serveConfigV2; returns False when it changed nothing."""
+    def edit_serve_config(
+        self, namespace: str, name: str, edit: Callable[[str], str]
+    ) -> tuple[bool, str]:
+        """Applies `edit` to the live serveConfigV2; returns whether it changed anything and the
+        serveConfigV2 the RayService holds afterwards."""
         for attempt in range(1, CONFLICT_RETRIES + 1):
             obj = self.read(namespace, name)
             if obj is None:
@@ -100,7 +110,7 @@ class RayServices:
             text = obj["spec"]["serveConfigV2"]
             new_text = edit(text)
             if new_text == text:
-                return False
+                return False, text
             body = {
                 "metadata": {"resourceVersion": obj["metadata"]["resourceVersion"]},
                 "spec": {"serveConfigV2": new_text},
@@ -115,7 +125,7 @@ class RayServices:
                     body,
                     _content_type=MERGE_PATCH,
                 )
-                return True
+                return True, new_text
             except ApiException as exc:
                 if exc.status != 409:
                     raise
@@ -130,6 +140,37 @@ class RayServices:
         raise ConflictRetriesExhausted(
             f"RayService {namespace}/{name}: {CONFLICT_RETRIES} conflicting writes in a row"
         )
+
+
+def ensure_peering(api: client.CustomObjectsApi, name: str, namespaces: list[str]) -> None:
+    """Creates the kopf peering object(s) the replicas share, when missing.
+
+    kopf neither creates them nor starts without them. Creating them here rather than in the chart
+    keeps every object of the chart's own CRDs out of the chart, so `helm install --dry-run=server`
+    works on a cluster that does not have those CRDs yet. Watching namespaces: one KopfPeering in
+    each; all namespaces: one ClusterKopfPeering.
+    """
+    kind = "KopfPeering" if namespaces else "ClusterKopfPeering"
+    body = {
+        "apiVersion": f"{PEERING_GROUP}/{PEERING_VERSION}",
+        "kind": kind,
+        "metadata": {"name": name},
+    }
+    plural = kind.lower() + "s"
+    targets: list[str | None] = list(namespaces) or [None]
+    for namespace in targets:
+        try:
+            if namespace is None:
+                api.create_cluster_custom_object(PEERING_GROUP, PEERING_VERSION, plural, body)
+            else:
+                api.create_namespaced_custom_object(
+                    PEERING_GROUP, PEERING_VERSION, namespace, plural, body
+                )
+        except ApiException as exc:
+            if exc.status != 409:  # AlreadyExists: another replica or an earlier start made it
+                raise
+            continue
+        logger.info("created %s %s%s", kind, f"{namespace}/" if namespace else "", name)
 
 
 def custom_objects_api() -> client.CustomObjectsApi:

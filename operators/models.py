@@ -83,7 +83,11 @@ class AnalysisSettings(WireModel):
     prometheus_url: str = Field("http://prometheus.monitoring:9090", alias="prometheusURL")
     interval: str = Field("1m", pattern=DURATION_PATTERN)
     window: str = Field("1m", pattern=WINDOW_PATTERN)
+    initial_delay: str = Field("1m", pattern=DURATION_PATTERN)
+    min_requests: int = Field(20, ge=0)
     failure_limit: int = Field(0, ge=0)
+    inconclusive_limit: int = Field(3, ge=0)
+    outage_limit: str = Field("10m", pattern=DURATION_PATTERN)
     success_count: int = Field(1, ge=1)
     metrics: list[Metric] = Field(
         default_factory=lambda: [Metric.model_validate(m) for m in DEFAULT_METRICS]
@@ -92,6 +96,14 @@ class AnalysisSettings(WireModel):
     @property
     def interval_td(self) -> timedelta:
         return parse_duration(self.interval)
+
+    @property
+    def initial_delay_td(self) -> timedelta:
+        return parse_duration(self.initial_delay)
+
+    @property
+    def outage_limit_td(self) -> timedelta:
+        return parse_duration(self.outage_limit)
 
 
 class Pause(WireModel):
@@ -102,6 +114,11 @@ class AnalysisStep(WireModel):
     success_count: int | None = Field(None, ge=1)
 
 
+# Wire names of the step kinds, in order; a step sets exactly one. A new kind (an evaluation step)
+# is a new field on Step plus its name here: the CRD's one-of rule is generated from this tuple.
+STEP_KINDS: tuple[str, ...] = ("setWeight", "pause", "analysis")
+
+
 class Step(WireModel):
     set_weight: int | None = Field(None, ge=0, le=100)
     pause: Pause | None = None
@@ -109,9 +126,15 @@ class Step(WireModel):
 
     @model_validator(mode="after")
     def _exactly_one(self) -> Step:
-        if sum(x is not None for x in (self.set_weight, self.pause, self.analysis)) != 1:
-            raise ValueError("a step sets exactly one of setWeight, pause, analysis")
+        if len(self.wire()) != 1:
+            raise ValueError(f"a step must set exactly one of {', '.join(STEP_KINDS)}")
         return self
+
+    @property
+    def kind(self) -> str:
+        """The wire name of the one kind this step sets."""
+        (name,) = self.wire()
+        return name
 
 
 class RolloutSpec(WireModel):
@@ -134,7 +157,9 @@ class RolloutSpec(WireModel):
 Stage = Literal[
     "Deploying", "Stepping", "Promoting", "Promoted", "RollingBack", "RolledBack", "Failed"
 ]
-Outcome = Literal["Successful", "Failed", "Inconclusive"]
+# Failed: evidence the canary is worse. Inconclusive: no evidence either way (too few canary
+# requests, no data). Error: Prometheus could not answer, so nothing was measured at all.
+Outcome = Literal["Successful", "Failed", "Inconclusive", "Error"]
 
 
 class MetricResult(WireModel):
@@ -171,6 +196,11 @@ class AnalysisProgress(WireModel):
     step_index: int
     successes: int = 0
     failures: int = 0
+    inconclusive: int = 0
+    # First of the consecutive measurements Prometheus could not answer; cleared by an answer.
+    outage_since: str | None = None
+    # Too many inconclusive measurements: the step waits for a person (promote or abort).
+    halted: bool = False
     last: Measurement | None = None
 
 
@@ -196,7 +226,12 @@ class RolloutStatus(WireModel):
     canary_name: str | None = None
     step_index: int = 0
     canary_weight: int = 0
+    # The whole traffic split of the front application after the last tick: every variant,
+    # not only the two this rollout moves.
+    weights: dict[str, int] | None = None
     step_started_at: str | None = None
+    # When the canary's share last changed: analysis measures only initialDelay after it.
+    weight_changed_at: str | None = None
     stage_entered_at: str | None = None
     analysis: AnalysisProgress | None = None
     last_analysis: Measurement | None = None

@@ -11,6 +11,10 @@ patched" and "status written" is harmless.
 Stages (kept in status.stage): Deploying -> Stepping (steps[stepIndex]) -> Promoting -> Promoted, or
 at any point RollingBack -> RolledBack. Conditions are computed from the stage; `phase` is derived
 from them.
+
+A rollout owns only the stable's share of the traffic: `setWeight: w` gives the canary w% of what
+the stable and the canary hold together, and every other variant of the split keeps its weight
+(`split_weights`).
 """
 
 from __future__ import annotations
@@ -63,13 +67,46 @@ class Observations:
 
 @dataclass(frozen=True)
 class ServeEdit:
-    """Desired change to serveConfigV2: ensure the canary's application, set the weights, drop one
-    variant (its weight first, its application on a repeat of the edit once the weight is gone).
+    """Desired change to serveConfigV2: ensure the canary's application, give the canary
+    `canary_percent`% of the share the rollout owns, and drop the `remove` variants (their weight
+    first, their application on a repeat of the edit once the weight is gone).
+
+    The rollout owns the weights of `stable`, `canary` and the removed variants; the concrete
+    weights are computed from the live split when the edit is applied (`split_weights`), so a
+    concurrent change to another variant's weight is kept.
     """
 
-    weights: dict[str, int]
+    stable: str
+    canary: str
+    canary_percent: int
     add_canary: bool = False
-    remove: str | None = None
+    remove: tuple[str, ...] = ()
+
+    @property
+    def owned(self) -> tuple[str, ...]:
+        return (self.stable, self.canary, *self.remove)
+
+
+def owned_share(weights: dict[str, int], edit: ServeEdit) -> int:
+    """The weight the rollout moves: what its own variants hold together in `weights`."""
+    return sum(weights.get(name, 0) for name in set(edit.owned))
+
+
+def split_weights(weights: dict[str, int], edit: ServeEdit) -> dict[str, int]:
+    """The live split with the owned share divided as `edit` says; other variants keep theirs,
+    and the order of the names stays (the canary, when new, goes last).
+
+    Weights are integers, so the canary's part is rounded half up: with weights that sum to 100
+    it is within half a percent of the requested share.
+    """
+    share = owned_share(weights, edit)
+    canary = (share * edit.canary_percent + 50) // 100
+    owned = {edit.stable: share - canary, edit.canary: canary}
+    for name in edit.remove:
+        if owned.pop(name, 0):
+            raise ValueError(f"cannot remove {name}: the edit would leave it traffic")
+    out = {n: owned.pop(n, w) for n, w in weights.items() if n not in edit.remove}
+    return {**out, **owned}
 
 
 @dataclass(frozen=True)
@@ -109,8 +146,8 @@ def describe_step(step: Step) -> str:
     if step.set_weight is not None:
         return f"setWeight {step.set_weight}"
     if step.pause is not None:
-        return f"pause {step.pause.duration}" if step.pause.duration else "pause (until promoted)"
-    return "analysis"
+        return f"pause {step.pause.duration}" if step.pause.duration else "pause until promoted"
+    return str(step.kind)
 
 
 def measurement_due(spec: RolloutSpec, status: RolloutStatus, now: datetime) -> bool:
@@ -119,10 +156,24 @@ def measurement_due(spec: RolloutSpec, status: RolloutStatus, now: datetime) -> 
         return False
     if status.step_index >= len(spec.steps) or spec.steps[status.step_index].analysis is None:
         return False
-    progress = status.analysis
-    if progress is None or progress.step_index != status.step_index or progress.last is None:
+    if now < first_measurement_at(spec, status):
+        return False
+    progress = _current_analysis(status)
+    if progress is None or progress.last is None:
         return True
+    if progress.halted:
+        return False
     return bool(now >= parse_time(progress.last.time) + spec.analysis.interval_td)
+
+
+def first_measurement_at(spec: RolloutSpec, status: RolloutStatus) -> datetime:
+    """A window that still holds traffic from before the canary's last weight change says
+    little about the canary at its new weight: measure initialDelay after that change."""
+    changed = status.weight_changed_at or status.step_started_at
+    if changed is None:
+        return datetime.min.replace(tzinfo=UTC)
+    delay: timedelta = spec.analysis.initial_delay_td
+    return parse_time(changed) + delay
 
 
 def advance(
@@ -150,8 +201,8 @@ def derive_phase(conditions: list[Condition]) -> str:
         return "Pending"
     if progressing.status == "True":
         return "Progressing"
-    if progressing.status == "Unknown" and progressing.reason == "Paused":
-        return "Paused"
+    if progressing.status == "Unknown":
+        return "Paused"  # waiting for a person: a pause step or an inconclusive analysis
     return "Failed"
 
 
@@ -167,9 +218,9 @@ class _Tick:
     # --- transitions -------------------------------------------------------------------------
     def run(self) -> None:
         if self.status.rollout_hash != rollout_hash(self.spec):
+            # A pending action waits for the next tick: it was meant for the old spec's stage.
             self._start(restart=self.status.rollout_hash is not None)
-            return
-        if self.obs.action is not None:
+        elif self.obs.action is not None:
             self.action_consumed = True
             if self._act(self.obs.action):
                 return
@@ -188,11 +239,9 @@ class _Tick:
         elif stage == "Stepping":
             self._stepping(serve)
         elif stage == "Promoting":
-            self._after_delay(
-                serve, self.spec.stable.name, "Promoted", f"promoted {self.spec.canary.name}"
-            )
+            self._after_delay(serve, "Promoted", f"promoted {self.spec.canary.name}")
         elif stage == "RollingBack":
-            self._after_delay(serve, self.spec.canary.name, "RolledBack", self.status.message)
+            self._after_delay(serve, "RolledBack", self.status.message)
 
     def _enter(self, stage: Stage, message: str) -> None:
         self.status.stage = stage
@@ -200,11 +249,10 @@ class _Tick:
         self.status.message = message
 
     def _start(self, restart: bool) -> None:
-        previous_canary_live = (
-            self.status.stage in (*ACTIVE_STAGES, "RollingBack")
-            and self.status.rollout_hash is not None
-        )
         old = self.status
+        # Until the old rollout finished, its canary may still be live (a promoted one never is
+        # a leftover: it is what serves now).
+        previous_canary_live = old.stage in (*ACTIVE_STAGES, "RollingBack")
         stale = _stale_canary(old, self.spec) if previous_canary_live else None
         self.status = RolloutStatus(
             rollout_hash=rollout_hash(self.spec),
@@ -214,28 +262,34 @@ class _Tick:
             last_analysis=old.last_analysis,
         )
         self._enter("Deploying", f"deploying canary {self.spec.canary.name}")
-        self.edit = self._weights_edit(0, add_canary=True, remove=stale)
         if restart:
             self.events.append(
                 Event("Normal", "RolloutRestarted", "spec changed: starting at step 0")
             )
 
     def _act(self, action: Action) -> bool:
-        """Applies a person's action; returns True when it decided this tick."""
+        """Applies a person's action; returns True when it decided this tick (a retry does not:
+        the stage it starts over in runs at once)."""
         stage = self.status.stage
-        if action == "abort" and stage in ACTIVE_STAGES:
+        serve = self.obs.serve
+        # Late in a promotion the old stable's application may be gone already: rolling back
+        # then would give its share to nothing (the ingress refuses weight for a missing
+        # application and would keep routing to the canary being removed).
+        stable_gone = serve is not None and self.spec.stable.name not in serve.variants
+        if action == "abort" and stage in ACTIVE_STAGES and not stable_gone:
             self.status.aborted_at = rfc3339(self.now)
             self._rollback("Aborted", "aborted by a person")
             return True
         if action == "retry" and stage in ("RolledBack", "RollingBack", "Failed"):
-            self.status.rollout_hash = None
             self._start(restart=False)
             self.events.append(Event("Normal", "RolloutRetried", "retry: starting at step 0"))
-            return True
+            return False
         if action == "promote" and stage == "Stepping":
-            step = self._step()
+            step, index = self._step(), self.status.step_index
             if step is not None and step.pause is not None:
-                self._next_step(f"pause at step {self.status.step_index} promoted by a person")
+                self._next_step(f"pause at step {index} promoted by a person")
+            elif _halted(self.status):
+                self._next_step(f"inconclusive analysis at step {index} accepted by a person")
             else:
                 self._promote("promoted in full by a person")
             return True
@@ -249,18 +303,26 @@ class _Tick:
         stale = _stale_canary(self.status, self.spec)
         if stale is not None:
             if stale in serve.variants or stale in serve.weights:
-                self.edit = self._weights_edit(0, add_canary=True, remove=stale)
+                self.edit = self._weights_edit(0, add_canary=True)
                 return
             self.status.canary_name = canary
         if stable not in serve.variants:
-            self._enter(
-                "Failed",
+            self._fail(
+                "StableVariantNotFound",
                 f"stable variant {stable} is not in application "
                 f"{self.spec.application}; variants: {list(serve.variants)}",
             )
-            self.events.append(Event("Warning", "StableVariantNotFound", self.status.message))
             return
-        if canary not in serve.variants:
+        if owned_share(serve.weights, self._weights_edit(0)) == 0:
+            self._fail(
+                "NothingToMove",
+                f"stable variant {stable} has weight 0 in the traffic split {serve.weights}: "
+                "a rollout moves the stable's share, and it has none",
+            )
+            return
+        if canary not in serve.variants or serve.weights.get(canary) != 0:
+            # A new canary comes with weight 0; one left from before a restart goes back to 0
+            # (and back into the weights, which a rollback may have taken it out of).
             self.edit = self._weights_edit(0, add_canary=True)
             return
         health = serve.deployment_status.get(canary, "missing")
@@ -286,7 +348,10 @@ class _Tick:
         if step.set_weight is not None:
             self.edit = self._weights_edit(step.set_weight)
             self.status.canary_weight = step.set_weight
-            self._next_step(f"canary weight set to {step.set_weight}%")
+            self.status.weight_changed_at = rfc3339(self.now)
+            self._next_step(
+                f"canary given {step.set_weight}% of {self.spec.stable.name}'s share of the traffic"
+            )
         elif step.pause is not None:
             self._paused(step.pause.duration)
         else:
@@ -305,40 +370,79 @@ class _Tick:
 
     def _analysis(self, step: Step) -> None:
         index = self.status.step_index
-        progress = self.status.analysis
-        if progress is None or progress.step_index != index:
+        progress = _current_analysis(self.status)
+        if progress is None:
             progress = self.status.analysis = AnalysisProgress(step_index=index)
+        settings = self.spec.analysis
+        if progress.halted:
+            return  # the message set when it halted still says what to do
         measurement = self.obs.measurement
         if measurement is None:
-            self.status.message = f"analysis at step {index}: waiting for the next measurement"
+            first = first_measurement_at(self.spec, self.status)
+            self.status.message = (
+                f"analysis at step {index}: first measurement at {rfc3339(first)} "
+                f"(initialDelay {settings.initial_delay} after the weight change)"
+                if self.now < first
+                else f"analysis at step {index}: waiting for the next measurement"
+            )
             return
         progress.last = measurement
         self.status.last_analysis = measurement
+        detail = "; ".join(r.describe() for r in measurement.results if r.outcome != "Successful")
+        if measurement.outcome == "Error":
+            self._outage(progress, measurement, detail)
+            return
+        progress.outage_since = None
         if measurement.outcome == "Successful":
             progress.successes += 1
-        else:
+        elif measurement.outcome == "Failed":
             progress.failures += 1
-        settings = self.spec.analysis
+        else:
+            progress.inconclusive += 1
         needed = (
             step.analysis.success_count
             if step.analysis and step.analysis.success_count
             else settings.success_count
         )
-        bad = [r.describe() for r in measurement.results if r.outcome != "Successful"]
         if progress.failures > settings.failure_limit:
             self._rollback(
                 "AnalysisFailed",
                 f"analysis at step {index} failed "
-                f"{progress.failures} time(s), limit {settings.failure_limit}: " + "; ".join(bad),
+                f"{progress.failures} time(s), limit {settings.failure_limit}: {detail}",
             )
         elif progress.successes >= needed:
             self._next_step(f"analysis at step {index} passed")
+        elif progress.inconclusive > settings.inconclusive_limit:
+            progress.halted = True
+            self.status.message = (
+                f"analysis at step {index} inconclusive {progress.inconclusive} time(s), "
+                f"limit {settings.inconclusive_limit}: {detail}; waiting for a person: "
+                "promote accepts this step, abort rolls back"
+            )
+            self.events.append(Event("Warning", "AnalysisInconclusive", self.status.message))
         else:
-            detail = "; ".join(bad) if bad else "ok"
             self.status.message = (
                 f"analysis at step {index}: {progress.successes}/{needed} passed, "
-                f"{progress.failures}/{settings.failure_limit} failures tolerated "
-                f"(last: {measurement.outcome}: {detail})"
+                f"{progress.failures}/{settings.failure_limit} failures and "
+                f"{progress.inconclusive}/{settings.inconclusive_limit} inconclusive tolerated "
+                f"(last: {measurement.outcome}: {detail or 'ok'})"
+            )
+
+    def _outage(self, progress: AnalysisProgress, measurement: Measurement, detail: str) -> None:
+        """Prometheus could not answer: no evidence about the canary either way, so the analysis
+        waits (nothing is counted) until the outage outlasts outageLimit."""
+        index, limit = self.status.step_index, self.spec.analysis.outage_limit
+        since = progress.outage_since = progress.outage_since or measurement.time
+        if self.now >= parse_time(since) + self.spec.analysis.outage_limit_td:
+            self._rollback(
+                "AnalysisUnavailable",
+                f"analysis at step {index}: Prometheus unavailable since {since}, "
+                f"longer than outageLimit {limit}: {detail}",
+            )
+        else:
+            self.status.message = (
+                f"analysis at step {index} paused: Prometheus unavailable since {since} "
+                f"(rolls back after outageLimit {limit}): {detail}"
             )
 
     def _next_step(self, message: str) -> None:
@@ -350,33 +454,44 @@ class _Tick:
         self._enter("Promoting", message)
         self.status.step_index = len(self.spec.steps)
         self.status.canary_weight = 100
+        self.status.weight_changed_at = rfc3339(self.now)
         self.edit = self._weights_edit(100)
         self.events.append(Event("Normal", "Promoting", message))
 
     def _rollback(self, reason: str, message: str) -> None:
         self._enter("RollingBack", message)
         self.status.canary_weight = 0
+        self.status.weight_changed_at = rfc3339(self.now)
         self.edit = self._weights_edit(0)
         self.events.append(Event("Warning", reason, f"rolled back: {message}"))
 
-    def _after_delay(
-        self, serve: ServeObservation, leaving: str, final: Stage, message: str
-    ) -> None:
-        """Drops the variant that lost its traffic once in-flight requests had time to finish.
+    def _fail(self, reason: str, message: str) -> None:
+        self._enter("Failed", message)
+        self.events.append(Event("Warning", reason, message))
 
-        The edit repeats every tick until the variant is gone from the weights and from the
-        applications: its weight goes first, its application on a later tick.
+    def _after_delay(self, serve: ServeObservation, final: Stage, message: str) -> None:
+        """Drops the variants that lost their traffic once in-flight requests had time to finish:
+        the old stable after a promotion; the canary after a rollback, and a renamed spec's old
+        canary in both cases.
+
+        The edit repeats every tick until they are gone from the weights and from the
+        applications: their weight goes first, their application on a later tick.
         """
         entered = parse_time(self.status.stage_entered_at or rfc3339(self.now))
         if self.now < entered + timedelta(seconds=self.spec.scale_down_delay_seconds):
             return
-        if leaving in serve.variants or leaving in serve.weights:
-            keep = self.spec.canary.name if final == "Promoted" else self.spec.stable.name
-            self.edit = ServeEdit(weights={keep: 100}, remove=leaving)
+        promoted = final == "Promoted"
+        loser = self.spec.stable.name if promoted else self.spec.canary.name
+        edit = self._weights_edit(100 if promoted else 0, remove=(loser,))
+        if any(n in serve.variants or n in serve.weights for n in edit.remove):
+            self.edit = edit
             return
         self.status.stage = final
         self.status.message = message
-        self.events.append(Event("Normal", final, f"{message}; removed variant {leaving}"))
+        self.status.canary_name = self.spec.canary.name
+        self.events.append(
+            Event("Normal", final, f"{message}; removed variant {', '.join(edit.remove)}")
+        )
 
     # --- helpers -------------------------------------------------------------------------------
     def _step(self) -> Step | None:
@@ -384,10 +499,17 @@ class _Tick:
         return self.spec.steps[index] if index < len(self.spec.steps) else None
 
     def _weights_edit(
-        self, canary_weight: int, add_canary: bool = False, remove: str | None = None
+        self, canary_percent: int, add_canary: bool = False, remove: tuple[str, ...] = ()
     ) -> ServeEdit:
-        weights = {self.spec.stable.name: 100 - canary_weight, self.spec.canary.name: canary_weight}
-        return ServeEdit(weights=weights, add_canary=add_canary, remove=remove)
+        """An edit of the rollout's share. A renamed spec's old canary, remembered in
+        status.canaryName until it is gone, is owned too and dropped on the way, whatever the
+        rollout does meanwhile (an abort included)."""
+        stale = _stale_canary(self.status, self.spec)
+        if stale is not None and stale not in remove:
+            remove = (*remove, stale)
+        return ServeEdit(
+            self.spec.stable.name, self.spec.canary.name, canary_percent, add_canary, remove
+        )
 
 
 def _stale_canary(old: RolloutStatus, spec: RolloutSpec) -> str | None:
@@ -414,9 +536,13 @@ def _conditions(spec: RolloutSpec, status: RolloutStatus) -> list[Condition]:
     else:
         index = status.step_index
         step = spec.steps[index] if index < len(spec.steps) else None
-        paused = step is not None and step.pause is not None
         ready = ("False", "RolloutInProgress")
-        progressing = ("Unknown", "Paused") if paused else ("True", "StepRunning")
+        if step is not None and step.pause is not None:
+            progressing = ("Unknown", "Paused")
+        elif _running_analysis(spec, status) and _halted(status):
+            progressing = ("Unknown", "AnalysisInconclusive")
+        else:
+            progressing = ("True", "StepRunning")
     out = [_cond("Ready", *ready, msg), _cond("Progressing", *progressing, msg)]
     analysing = _analysing(spec, status)
     if analysing is not None:
@@ -424,15 +550,33 @@ def _conditions(spec: RolloutSpec, status: RolloutStatus) -> list[Condition]:
     return out
 
 
-def _analysing(spec: RolloutSpec, status: RolloutStatus) -> Condition | None:
+def _running_analysis(spec: RolloutSpec, status: RolloutStatus) -> bool:
     index = status.step_index
-    running = (
+    return (
         status.stage == "Stepping"
         and index < len(spec.steps)
         and spec.steps[index].analysis is not None
     )
-    if running:
-        return _cond("Analysing", "True", "Running", f"analysis at step {index}")
+
+
+def _current_analysis(status: RolloutStatus) -> AnalysisProgress | None:
+    progress = status.analysis
+    return progress if progress is not None and progress.step_index == status.step_index else None
+
+
+def _halted(status: RolloutStatus) -> bool:
+    progress = _current_analysis(status)
+    return progress is not None and progress.halted
+
+
+def _analysing(spec: RolloutSpec, status: RolloutStatus) -> Condition | None:
+    if _running_analysis(spec, status):
+        current = _current_analysis(status)
+        if current is not None and current.halted:
+            return _cond("Analysing", "Unknown", "Inconclusive", status.message)
+        if current is not None and current.outage_since is not None:
+            return _cond("Analysing", "Unknown", "PrometheusUnavailable", status.message)
+        return _cond("Analysing", "True", "Running", f"analysis at step {status.step_index}")
     last = status.last_analysis
     if last is None:
         return None

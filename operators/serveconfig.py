@@ -24,7 +24,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from amalia_operator.constants import INGRESS_DEPLOYMENT_NAME, VARIANT_IMPORT_PATH
 from amalia_operator.models import CanaryVariant
-from amalia_operator.rollout import ServeEdit
+from amalia_operator.rollout import ServeEdit, split_weights
 
 _WIDTH = 1 << 16  # never fold long lines (model paths, runtime_env URLs)
 
@@ -58,23 +58,26 @@ def observe(text: str, app: str) -> AppView:
     return AppView(variants, dict(routing.get("weights") or {}))
 
 
-def apply_edit(text: str, app: str, edit: ServeEdit, canary: CanaryVariant, stable: str) -> str:
+def apply_edit(text: str, app: str, edit: ServeEdit, canary: CanaryVariant) -> str:
     """Applies one idempotent ServeEdit; returns `text` unchanged when nothing needs changing.
 
-    Order keeps the ingress from routing to a missing application: a canary's application comes
-    with weight 0 (the ingress accepts weight-0 names not deployed yet), and a removed variant's
-    application goes only once a previous edit has taken it out of the weights, so removal takes
-    two calls (the state machine repeats the edit until the variant is gone).
+    The weights are computed here from the live split (`split_weights`), so every variant the
+    rollout does not own keeps the weight this text gives it. Order keeps the ingress from routing
+    to a missing application: a canary's application comes with weight 0 (the ingress accepts
+    weight-0 names not deployed yet), and a removed variant's application goes only once a
+    previous edit has taken it out of the weights, so removal takes two calls (the state machine
+    repeats the edit until the variant is gone).
     """
     view = observe(text, app)
-    removable = edit.remove is not None and edit.remove not in view.weights
-    if edit.remove is not None and removable and edit.remove in view.variants:
-        text = remove_variant_app(text, edit.remove)
+    for name in edit.remove:
+        if name not in view.weights and name in view.variants:
+            text = remove_variant_app(text, name)
     if edit.add_canary and canary.name not in view.variants:
-        text = add_variant_app(text, canary_app(text, canary, stable))
-    text = set_weights(text, app, edit.weights)
-    if edit.remove is not None:
-        text = _drop_from_routing_weights(text, app, edit.remove, edit.weights)
+        text = add_variant_app(text, canary_app(text, canary, edit.stable))
+    weights = split_weights(view.weights, edit)
+    text = set_weights(text, app, weights)
+    for name in edit.remove:
+        text = _drop_from_routing_weights(text, app, name, weights)
     return text
 
 

@@ -62,6 +62,14 @@ K8S_MAP: Schema = {"type": "object"}
 K8S_LIST: Schema = {"type": "array"}
 STRING_MAP: Schema = {"type": "object", "additionalProperties": {"type": "string"}}
 RESOURCES: Schema = obj({"requests": K8S_MAP, "limits": K8S_MAP, "claims": K8S_LIST})
+# NetworkPolicy peers (namespaceSelector, podSelector, ipBlock), passed through as written.
+PEERS: Schema = {"type": "array", "items": {"type": "object", "minProperties": 1}}
+RENAMED = (
+    ("apiNamespaceLabels", "apiCallers"),
+    ("apiExtraFrom", "apiCallers"),
+    ("monitoringNamespace", "metricsScrapers"),
+    ("kuberayNamespace", "kuberayOperator"),
+)
 START_PARAMS: Schema = {
     "type": "object",
     "additionalProperties": {"type": ["string", "number", "boolean"]},
@@ -333,10 +341,12 @@ def values_schema() -> Schema:
                 "networkPolicy": obj(
                     {
                         "enabled": {"type": "boolean"},
-                        "apiNamespaceLabels": {**STRING_MAP, "minProperties": 1},
-                        "apiExtraFrom": K8S_LIST,
-                        "monitoringNamespace": string(pattern=K8S_NAME),
-                        "kuberayNamespace": string(pattern=K8S_NAME),
+                        "apiCallers": PEERS,
+                        "metricsScrapers": PEERS,
+                        "kuberayOperator": PEERS,
+                        "extraIngress": K8S_LIST,
+                        # Renamed: accepted here so the template can fail naming the new key.
+                        **{old: {"description": f"Removed: use {new}."} for old, new in RENAMED},
                     }
                 ),
                 "monitoring": obj(
@@ -359,6 +369,7 @@ def values_schema() -> Schema:
                     {
                         "enabled": {"type": "boolean"},
                         "image": image,
+                        "replicas": integer(1),
                         "namespaced": {"type": "boolean"},
                         "verbose": {"type": "boolean"},
                         "resources": RESOURCES,

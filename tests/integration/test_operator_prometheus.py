@@ -1,143 +1,136 @@
-"""Canary analysis against a real Prometheus that scrapes a metrics endpoint this test serves.
+"""Canary analysis judged on what a real Ray Serve exports, through a real Prometheus.
 
-The endpoint exports the per-variant series under the names the default queries use. The canary is
-healthy first (analysis passes), then starts failing 40% of its requests: the next analysis fails
-and the state machine rolls back, naming the metric, its value and its threshold.
+A local Ray Serve runs the demo layout (ingress + amalia-sft + amalia-dpo, the canary) and exports
+its metrics as in production; Prometheus 2.42 scrapes them every second. Ray exports a labelled
+series only after its first increment, and the tests rely on exactly that: a canary that served
+nothing has no series at all (inconclusive, not failed), a canary that served only successes has no
+5xx series (its error rate is 0, not "no data"), a Prometheus outage pauses the analysis without
+counting anything, and a canary whose application is gone answers 503 and is rolled back.
 """
 
 from __future__ import annotations
 
 import asyncio
 import shutil
-import socket
 import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 import aiohttp
+import httpx
 import pytest
-from aiohttp import web
+from serve_harness import RunningServe, demo_app_config, free_port, running_serve
 
 from amalia_operator import analysis
-from amalia_operator.constants import REQUESTS_TOTAL_METRIC, TTFT_BUCKET_METRIC
+from amalia_operator.constants import REQUESTS_QUERY, REQUESTS_TOTAL_METRIC
 from amalia_operator.models import RolloutSpec, RolloutStatus
 from amalia_operator.rollout import Observations, ServeObservation, advance, measurement_due
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
-CANARY, STABLE = "amalia-dpo", "amalia-sft"
-BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0)
+STABLE, CANARY = "amalia-sft", "amalia-dpo"
+# Long enough to hold the canary's successes and its failures when the failures come.
+WINDOW = "60s"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+@pytest.fixture(scope="module")
+def served(demo_checkpoints: tuple[Path, Path]) -> Iterator[RunningServe]:
+    sft, dpo = demo_checkpoints
+    config = demo_app_config(sft, dpo, free_port(), weights={STABLE: 100, CANARY: 0})
+    with running_serve(config) as serve:
+        yield serve
 
 
 @dataclass
-class Canary:
-    """Counters of a fake canary replica; `failing` flips its 5xx share and its TTFT."""
+class Prometheus:
+    """A real Prometheus on a fixed loopback port; `stop` and `start` make an outage."""
 
-    failing: bool = False
-    requests: dict[str, int] = field(default_factory=lambda: {"2xx": 0, "5xx": 0})
-    ttft_buckets: list[int] = field(default_factory=lambda: [0] * (len(BUCKETS) + 1))
-    ttft_sum: float = 0.0
+    config: Path
+    storage: Path
+    port: int
+    proc: subprocess.Popen[bytes] | None = None
 
-    def serve(self, n: int) -> None:
-        for i in range(n):
-            status = "5xx" if self.failing and i % 5 < 2 else "2xx"
-            self.requests[status] += 1
-            ttft = 0.3
-            for b, bound in enumerate(BUCKETS):
-                if ttft <= bound:
-                    self.ttft_buckets[b] += 1
-            self.ttft_buckets[-1] += 1
-            self.ttft_sum += ttft
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
 
-    def exposition(self) -> str:
-        lines = [f"# TYPE {REQUESTS_TOTAL_METRIC} counter"]
-        lines += [
-            f'{REQUESTS_TOTAL_METRIC}{{variant="{CANARY}",status_class="{s}"}} {n}'
-            for s, n in self.requests.items()
-        ]
-        base = TTFT_BUCKET_METRIC.removesuffix("_bucket")
-        lines.append(f"# TYPE {base} histogram")
-        for bound, count in zip([*map(str, BUCKETS), "+Inf"], self.ttft_buckets):
-            lines.append(f'{TTFT_BUCKET_METRIC}{{variant="{CANARY}",le="{bound}"}} {count}')
-        lines.append(f'{base}_sum{{variant="{CANARY}"}} {self.ttft_sum}')
-        lines.append(f'{base}_count{{variant="{CANARY}"}} {self.ttft_buckets[-1]}')
-        return "\n".join(lines) + "\n"
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [
+                PROMETHEUS,
+                f"--config.file={self.config}",
+                f"--storage.tsdb.path={self.storage}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 30
+        while not self._ready():
+            assert time.monotonic() < deadline, "prometheus did not become ready"
+            time.sleep(0.2)
 
+    def _ready(self) -> bool:
+        try:
+            return httpx.get(f"{self.url}/-/ready", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
 
-@pytest.fixture()
-async def canary() -> AsyncIterator[tuple[Canary, int]]:
-    state = Canary()
-
-    async def metrics(_: web.Request) -> web.Response:
-        return web.Response(text=state.exposition(), content_type="text/plain")
-
-    async def traffic() -> None:
-        while True:
-            state.serve(20)
-            await asyncio.sleep(0.1)
-
-    app = web.Application()
-    app.router.add_get("/metrics", metrics)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    task = asyncio.create_task(traffic())
-    yield state, port
-    task.cancel()
-    await runner.cleanup()
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
+            self.proc = None
 
 
-@pytest.fixture()
-def prometheus(canary: tuple[Canary, int], tmp_path: Path) -> Iterator[str]:
+@pytest.fixture(scope="module")
+def prometheus(
+    served: RunningServe, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Prometheus]:
     if not Path(PROMETHEUS).exists():
-        pytest.skip("prometheus is not installed (scripts/install-test-tools.sh installs it)")
-    _, target_port = canary
-    config = tmp_path / "prometheus.yml"
+        pytest.fail("prometheus is not installed: run `make tools`")
+    work = tmp_path_factory.mktemp("prometheus")
+    target = served.metrics_url.removeprefix("http://").removesuffix("/metrics")
+    config = work / "prometheus.yml"
     config.write_text(
         "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
         "scrape_configs:\n"
-        f"- job_name: canary\n  static_configs: [{{targets: ['127.0.0.1:{target_port}']}}]\n"
+        f"- job_name: ray\n  static_configs: [{{targets: ['{target}']}}]\n"
     )
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            PROMETHEUS,
-            f"--config.file={config}",
-            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    server = Prometheus(config, work / "tsdb", free_port())
+    server.start()
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield server
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+        server.stop()
 
 
-async def wait_for_value(url: str, promql: str, ok: str, timeout_s: float = 40) -> float:
-    """Polls until the query's value satisfies `ok` ("data", "above:X"), bounded in time."""
-    deadline = time.monotonic() + timeout_s
+def chat(served: RunningServe, model: str, n: int) -> list[int]:
+    """`n` small chat completions pinned to `model`; their HTTP statuses."""
+    body = {"model": model, "messages": [{"role": "user", "content": "Olá!"}], "max_tokens": 4}
+    with httpx.Client(base_url=served.base_url, timeout=120) as client:
+        return [client.post("/v1/chat/completions", json=body).status_code for _ in range(n)]
+
+
+async def value_of(url: str, promql: str) -> float | None:
     async with aiohttp.ClientSession() as session:
-        while True:
-            value, _ = await analysis.query(session, url, promql)
-            if value is not None and (ok == "data" or value > float(ok.split(":")[1])):
-                return value
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{promql} never reached {ok} (last {value})")
-            await asyncio.sleep(0.5)
+        return (await analysis.query(session, url, promql)).value
+
+
+async def wait_for(url: str, promql: str, ok: str, timeout_s: float = 90) -> float:
+    """Polls until the query's value is `ok` ("data", "at-least:X"), bounded in time."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = await value_of(url, promql)
+        if value is not None and (ok == "data" or value >= float(ok.split(":")[1])):
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{promql} never reached {ok} (last {value})")
+        await asyncio.sleep(0.5)
 
 
 def make_spec(url: str) -> RolloutSpec:
@@ -150,11 +143,15 @@ def make_spec(url: str) -> RolloutSpec:
             "analysis": {
                 "prometheusURL": url,
                 "interval": "1s",
-                "window": "5s",
+                "window": WINDOW,
+                "initialDelay": "0s",
+                "minRequests": 10,
                 "failureLimit": 0,
+                "inconclusiveLimit": 5,
+                "outageLimit": "10m",
                 "metrics": [
                     {"name": "error-rate", "max": 0.05},
-                    {"name": "ttft-p95-seconds", "max": 2.0},
+                    {"name": "ttft-p95-seconds", "max": 30.0},
                 ],
             },
         }
@@ -163,6 +160,7 @@ def make_spec(url: str) -> RolloutSpec:
 
 async def tick(spec: RolloutSpec, status: RolloutStatus) -> tuple[RolloutStatus, list[str]]:
     """What the kopf timer does, minus Kubernetes: measure when due, then advance."""
+    await asyncio.sleep(1.1)  # the analysis interval
     now = datetime.now(UTC)
     measurement = (
         await analysis.measure(spec.analysis, CANARY, now)
@@ -176,34 +174,69 @@ async def tick(spec: RolloutSpec, status: RolloutStatus) -> tuple[RolloutStatus,
     return decision.status, [f"{e.reason}: {e.message}" for e in decision.events]
 
 
-async def test_analysis_passes_then_rolls_back_when_canary_starts_failing(
-    canary: tuple[Canary, int], prometheus: str
-) -> None:
-    state, _ = canary
-    spec = make_spec(prometheus)
-    error_rate = analysis.render_query(spec.analysis.metrics[0], CANARY, spec.analysis.window)
-    ttft = analysis.render_query(spec.analysis.metrics[1], CANARY, spec.analysis.window)
-    assert await wait_for_value(prometheus, error_rate, "data") == 0.0
-    assert 0.1 < await wait_for_value(prometheus, ttft, "data") <= 0.5
+def outcomes(status: RolloutStatus) -> dict[str, str]:
+    assert status.last_analysis is not None
+    return {r.metric: r.outcome for r in status.last_analysis.results}
 
+
+async def test_analysis_judges_real_ray_series_through_prometheus_outage_and_failure(
+    served: RunningServe, prometheus: Prometheus
+) -> None:
+    url, spec = prometheus.url, make_spec(prometheus.url)
+    requests = analysis.render_query(REQUESTS_QUERY, CANARY, WINDOW)
+    stable_requests = analysis.render_query(REQUESTS_QUERY, STABLE, WINDOW)
+    only_5xx = (
+        f'sum(rate({REQUESTS_TOTAL_METRIC}{{variant="{CANARY}",status_class="5xx"}}[{WINDOW}]))'
+    )
+
+    # The stable serves; the canary has served nothing yet: no series of its own at all.
+    assert chat(served, STABLE, 3) == [200] * 3
+    await wait_for(url, stable_requests, "data")
+    assert await value_of(url, requests) is None
     status = RolloutStatus()
-    for _ in range(3):  # Deploying -> Stepping -> analysis at step 0 passes
-        status, _events = await tick(spec, status)
+    status, _ = await tick(spec, status)  # Deploying -> Stepping (the canary is healthy)
+    status, _ = await tick(spec, status)  # analysis: nothing served is no evidence
+    assert status.stage == "Stepping" and status.step_index == 0, status.message
+    assert status.last_analysis is not None and status.last_analysis.outcome == "Inconclusive"
+    assert status.analysis is not None and (
+        status.analysis.failures,
+        status.analysis.inconclusive,
+    ) == (0, 1)
+
+    # The canary serves only successes: Ray has no 5xx series for it, and that is a pass.
+    assert chat(served, CANARY, 25) == [200] * 25
+    await wait_for(url, requests, "at-least:10")
+    assert await value_of(url, only_5xx) is None  # what made the old error-rate query "no data"
+    status, _ = await tick(spec, status)
     assert status.step_index == 1, status.message
     assert status.last_analysis is not None and status.last_analysis.outcome == "Successful"
-    assert {r.metric: r.value for r in status.last_analysis.results}["error-rate"] == 0.0
+    results = {r.metric: r.value for r in status.last_analysis.results}
+    assert results["error-rate"] == 0.0 and results["canary-requests"] >= 10
+    assert results["ttft-p95-seconds"] is not None and results["ttft-p95-seconds"] > 0
+    status, _ = await tick(spec, status)  # setWeight 50
+    assert status.step_index == 2
 
-    state.failing = True
-    await wait_for_value(prometheus, error_rate, "above:0.3")
-    status, _events = await tick(spec, status)  # setWeight 50
-    status, events = await tick(spec, status)  # analysis at step 2: fails
-    assert status.phase == "RolledBack" and status.canary_weight == 0
-    failed = {r.metric: r for r in status.last_analysis.results}  # type: ignore[union-attr]
-    assert (
-        failed["error-rate"].outcome == "Failed"
-        and failed["ttft-p95-seconds"].outcome == "Successful"
-    )
-    assert failed["error-rate"].value is not None and 0.3 <= failed["error-rate"].value <= 0.45
+    # Prometheus goes away: the analysis pauses; nothing is counted, nothing rolls back.
+    prometheus.stop()
+    status, events = await tick(spec, status)
+    assert status.stage == "Stepping" and status.phase == "Progressing" and not events
+    assert status.last_analysis is not None and status.last_analysis.outcome == "Error"
+    assert "paused: Prometheus unavailable" in status.message
+    assert status.analysis is not None and status.analysis.outage_since is not None
+    assert (status.analysis.failures, status.analysis.inconclusive) == (0, 0)
+    prometheus.start()
+
+    # The canary's application goes away: the ingress answers 503 for it, and it is rolled back.
+    from ray import serve
+
+    serve.delete(CANARY)
+    failed = chat(served, CANARY, 25)
+    assert set(failed) == {503}
+    error_rate = analysis.render_query(spec.analysis.metrics[0].promql(), CANARY, WINDOW)
+    await wait_for(url, error_rate, "at-least:0.3")
+    status, events = await tick(spec, status)
+    assert status.phase == "RolledBack" and status.canary_weight == 0, status.message
+    assert outcomes(status)["error-rate"] == "Failed"
     assert events and events[-1].startswith("AnalysisFailed: rolled back")
-    value = failed["error-rate"].value
-    assert f"error-rate={value:.6g} (threshold <= 0.05)" in events[-1]
+    value = next(r.value for r in status.last_analysis.results if r.metric == "error-rate")  # type: ignore[union-attr]
+    assert value is not None and f"error-rate={value:.6g} (threshold <= 0.05)" in events[-1]

@@ -75,7 +75,9 @@ def test_operator_never_imports_serve_package_when_fully_loaded() -> None:
     assert "amalia_serve" not in loaded and "ray" not in loaded and "torch" not in loaded
 
 
-@pytest.mark.parametrize("module", ["amalia_operator.rollout", "amalia_operator.serveconfig"])
+@pytest.mark.parametrize(
+    "module", ["amalia_operator.rollout", "amalia_operator.serveconfig", "amalia_operator.patches"]
+)
 def test_pure_modules_import_no_kubernetes_when_loaded(module: str) -> None:
     loaded = imported_after(module)
     assert not {"kopf", "kubernetes", "aiohttp", "amalia_serve"} & loaded

@@ -19,7 +19,6 @@ OPAQUE = {
     "labels",
     "annotations",
     "resourceAttributes",
-    "apiNamespaceLabels",
     "podSecurityContext",
     "securityContext",
     "upgradeStrategy",

@@ -5,7 +5,17 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from chart_helpers import ROOT, VALUES_FILES, by_kind, one, ray_pod_specs, render
+import yaml
+from chart_helpers import (
+    ROOT,
+    VALUES_FILES,
+    by_kind,
+    one,
+    ray_pod_specs,
+    render,
+    run_helm,
+    template_args,
+)
 
 PRODUCTION = VALUES_FILES["production-gpu"]
 DOWNWARD_ENV = {"POD_NAME", "POD_NAMESPACE", "NODE_NAME"}
@@ -17,6 +27,10 @@ OTEL_ENV = {
     "OTEL_SERVICE_NAME",
     "OTEL_RESOURCE_ATTRIBUTES",
 }
+
+
+def yaml_to_json(text: str) -> str:
+    return json.dumps(yaml.safe_load(text))
 
 
 def env_names(container: dict[str, Any]) -> set[str]:
@@ -113,17 +127,105 @@ def test_service_targets_serve_port_named_http_when_enabled() -> None:
     assert service["spec"]["selector"]["ray.io/serve"] == "true"
 
 
-def test_network_policy_limits_api_and_metrics_when_enabled() -> None:
-    policy = one(render("helm3", PRODUCTION), "NetworkPolicy")
-    rules = policy["spec"]["ingress"]
-    ray_internal, api, metrics, kuberay = rules
-    assert "ports" not in ray_internal  # Ray pods reach each other on every port
+def test_network_policy_is_on_and_limits_each_port_to_its_peers_by_default() -> None:
+    policy = one(render("helm3"), "NetworkPolicy")
+    ray_pods = {
+        "app.kubernetes.io/name": "amalia",
+        "app.kubernetes.io/instance": "amalia",
+        "app.kubernetes.io/component": "ray",
+    }
+    assert policy["metadata"]["namespace"] == "amalia"
+    assert policy["spec"]["podSelector"] == {"matchLabels": ray_pods}
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    ray_internal, api, metrics, kuberay = policy["spec"]["ingress"]
+    # Ray's own ports: every port, but only from the release's Ray pods.
+    assert ray_internal == {"from": [{"podSelector": {"matchLabels": ray_pods}}]}
     assert api["ports"] == [{"port": "serve", "protocol": "TCP"}]
-    assert metrics["ports"] == [{"port": "metrics", "protocol": "TCP"}]
-    assert metrics["from"][0]["namespaceSelector"]["matchLabels"] == {
-        "kubernetes.io/metadata.name": "monitoring"
+    assert api["from"][1:] == [
+        {"namespaceSelector": {"matchLabels": {"amalia.pt/api-access": "true"}}}
+    ]
+    assert api["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == (
+        "api-test"
+    )
+    assert metrics == {
+        "ports": [{"port": "metrics", "protocol": "TCP"}],
+        "from": [
+            {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+        ],
     }
     assert kuberay["ports"] == [{"port": "dashboard", "protocol": "TCP"}]
+    # The named ports exist on the pods the policy selects.
+    for spec in ray_pod_specs(one(render("helm3"), "RayService")):
+        names = {p["name"] for p in spec["containers"][0]["ports"]}
+        assert {"serve", "metrics"} <= names
+
+
+def test_network_policy_takes_peer_lists_and_extra_rules_from_values() -> None:
+    mesh = "{namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: istio-system}}}"
+    objects = render(
+        "helm3",
+        sets=(
+            "networkPolicy.apiCallers[0].podSelector.matchLabels.app=gateway",
+            "networkPolicy.metricsScrapers=null",
+            "networkPolicy.extraIngress[0].ports[0].port=15008",
+        ),
+        extra=("--set-json", f"networkPolicy.extraIngress[0].from=[{yaml_to_json(mesh)}]"),
+    )
+    rules = one(objects, "NetworkPolicy")["spec"]["ingress"]
+    assert [r.get("ports", [{}])[0].get("port") for r in rules] == [
+        None,
+        "serve",
+        "dashboard",
+        15008,
+    ]
+    assert rules[1]["from"][1] == {"podSelector": {"matchLabels": {"app": "gateway"}}}
+    assert rules[3]["from"] == [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "istio-system"}}}
+    ]
+    assert not by_kind(render("helm3", sets=("networkPolicy.enabled=false",)), "NetworkPolicy")
+
+
+def test_network_policy_refuses_renamed_value_naming_its_replacement(helm: str) -> None:
+    result = run_helm(helm, *template_args(None, ("networkPolicy.monitoringNamespace=mon",)))
+    assert result.returncode != 0
+    assert "networkPolicy.monitoringNamespace was replaced by networkPolicy.metricsScrapers" in (
+        result.stderr
+    )
+
+
+NAMESPACED_KINDS = {
+    "ConfigMap",
+    "Deployment",
+    "HTTPRoute",
+    "ModelRollout",
+    "NetworkPolicy",
+    "Pod",
+    "PodDisruptionBudget",
+    "PodMonitor",
+    "RayService",
+    "Role",
+    "RoleBinding",
+    "Service",
+    "ServiceAccount",
+}
+
+
+def test_every_namespaced_object_names_release_namespace_when_rendered() -> None:
+    """`helm template | kubectl apply -f -` (and manifests/) must not land in `default`."""
+    objects = render(
+        "helm3",
+        VALUES_FILES["manifests"],
+        sets=("monitoring.podMonitor.enabled=true", "httpRoute.enabled=true"),
+        extra=("--set", "httpRoute.parentRefs[0].name=gw"),
+    )
+    kinds = {o["kind"] for o in objects}
+    assert NAMESPACED_KINDS - {"Pod"} <= kinds
+    for obj in objects:
+        if obj["kind"] in NAMESPACED_KINDS:
+            assert obj["metadata"].get("namespace") == "amalia", obj["kind"]
+        else:
+            assert obj["kind"] in {"ClusterRole", "ClusterRoleBinding"}, obj["kind"]
+            assert "namespace" not in obj["metadata"]
 
 
 def test_pod_monitor_follows_cluster_when_enabled_is_auto() -> None:

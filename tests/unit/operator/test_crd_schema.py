@@ -8,7 +8,6 @@ evaluating each rule, so a rule that is present but wrong fails a test.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ import celpy
 import jsonschema
 import pytest
 import yaml
+from modelrollout_cases import BAD, GOOD, Case
 
 from amalia_operator import crd, rbac
 from amalia_operator.models import RolloutSpec
@@ -24,18 +24,6 @@ from amalia_operator.models import RolloutSpec
 ROOT = Path(__file__).resolve().parents[3]
 SCHEMA = crd.open_api_schema()
 EXAMPLE = ROOT / "examples" / "modelrollout-sft-to-dpo.yaml"
-GOOD: dict[str, Any] = {
-    "apiVersion": "serving.amalia.pt/v1alpha1",
-    "kind": "ModelRollout",
-    "metadata": {"name": "r", "namespace": "amalia"},
-    "spec": {
-        "rayServiceName": "amalia",
-        "stable": {"name": "amalia-sft", "modelPath": "/models/sft"},
-        "canary": {"name": "amalia-dpo", "modelPath": "/models/dpo"},
-        "steps": [{"setWeight": 10}, {"pause": {}}, {"analysis": {}}],
-        "analysis": {"metrics": [{"name": "error-rate", "max": 0.01}]},
-    },
-}
 
 
 def schema_nodes(schema: dict[str, Any], path: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
@@ -84,12 +72,6 @@ def refusals(obj: dict[str, Any]) -> list[str]:
         f"{'.'.join(map(str, e.path))}: {e.message}" for e in validator.iter_errors(obj)
     ]
     return schema_errors or cel_errors(SCHEMA, obj)
-
-
-def with_spec(**changes: Any) -> dict[str, Any]:
-    obj = copy.deepcopy(GOOD)
-    obj["spec"].update(changes)
-    return obj
 
 
 # === the files on disk ===
@@ -179,72 +161,14 @@ def test_crd_accepts_example_when_validated() -> None:
     RolloutSpec.model_validate(example["spec"])
 
 
-BAD: list[tuple[str, dict[str, Any], str]] = [
-    ("weight above 100", with_spec(steps=[{"setWeight": 101}]), "maximum of 100"),
-    ("negative weight", with_spec(steps=[{"setWeight": -1}]), "minimum of 0"),
-    (
-        "stable equals canary",
-        with_spec(canary={"name": "amalia-sft", "modelPath": "/m"}),
-        "stable.name and canary.name must differ",
-    ),
-    ("empty steps", with_spec(steps=[]), "should be non-empty"),
-    (
-        "step with nothing",
-        with_spec(steps=[{}]),
-        "a step must set exactly one of setWeight, pause, analysis",
-    ),
-    (
-        "step with two kinds",
-        with_spec(steps=[{"setWeight": 5, "pause": {}}]),
-        "a step must set exactly one of setWeight, pause, analysis",
-    ),
-    (
-        "step with three kinds",
-        with_spec(steps=[{"setWeight": 5, "pause": {}, "analysis": {}}]),
-        "a step must set exactly one of setWeight, pause, analysis",
-    ),
-    (
-        "custom metric without query",
-        with_spec(analysis={"metrics": [{"name": "mine", "max": 1}]}),
-        "a custom metric needs a query",
-    ),
-    (
-        "metric without threshold",
-        with_spec(analysis={"metrics": [{"name": "error-rate"}]}),
-        "a metric needs a min or a max threshold",
-    ),
-    (
-        "min above max",
-        with_spec(analysis={"metrics": [{"name": "error-rate", "min": 2, "max": 1}]}),
-        "metric min must not exceed max",
-    ),
-    (
-        "bad pause duration",
-        with_spec(steps=[{"pause": {"duration": "five minutes"}}]),
-        "does not match",
-    ),
-    (
-        "bad variant name",
-        with_spec(canary={"name": "Amalia_DPO", "modelPath": "/m"}),
-        "does not match",
-    ),
-    (
-        "missing canary",
-        {**GOOD, "spec": {k: v for k, v in GOOD["spec"].items() if k != "canary"}},
-        "'canary' is a required property",
-    ),
-    ("negative failure limit", with_spec(analysis={"failureLimit": -1}), "minimum of 0"),
-]
+@pytest.mark.parametrize("case", BAD, ids=[b.name for b in BAD])
+def test_crd_refuses_object_when_invalid(case: Case) -> None:
+    found = refusals(case.obj)
+    assert any(case.offline in f for f in found), found
 
 
-@pytest.mark.parametrize(("obj", "message"), [(o, m) for _, o, m in BAD], ids=[b[0] for b in BAD])
-def test_crd_refuses_object_when_invalid(obj: dict[str, Any], message: str) -> None:
-    found = refusals(obj)
-    assert any(message in f for f in found), found
-
-
-@pytest.mark.parametrize("obj", [o for _, o, _ in BAD], ids=[b[0] for b in BAD])
-def test_spec_model_refuses_object_when_crd_does(obj: dict[str, Any]) -> None:
+@pytest.mark.parametrize("case", BAD, ids=[b.name for b in BAD])
+def test_spec_model_refuses_object_when_crd_does(case: Case) -> None:
     """The operator's typed view agrees with the CRD (guards against a CRD older than the code)."""
     with pytest.raises(ValueError):
-        RolloutSpec.model_validate(obj["spec"])
+        RolloutSpec.model_validate(case.obj["spec"])

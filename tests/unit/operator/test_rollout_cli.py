@@ -19,8 +19,10 @@ OBJ: dict[str, Any] = {
     "status": {
         "observedGeneration": 2,
         "phase": "Paused",
+        "stage": "Stepping",
         "stepIndex": 1,
         "canaryWeight": 25,
+        "weights": {"amalia-sft": 68, "amalia-base": 10, "amalia-dpo": 22},
         "message": "paused at step 1: waiting for promote",
         "lastAnalysis": {
             "outcome": "Successful",
@@ -42,12 +44,13 @@ OBJ: dict[str, Any] = {
 
 
 class FakeApi:
-    def __init__(self) -> None:
+    def __init__(self, obj: dict[str, Any] = OBJ) -> None:
+        self.obj = obj
         self.patches: list[tuple[Any, ...]] = []
 
     def get_namespaced_custom_object(self, *args: Any) -> dict[str, Any]:
         assert args == ("serving.amalia.pt", "v1alpha1", "amalia", "modelrollouts", "sft-to-dpo")
-        return OBJ
+        return self.obj
 
     def patch_namespaced_custom_object(self, *args: Any, _content_type: str) -> None:
         self.patches.append((*args, _content_type))
@@ -71,9 +74,25 @@ def test_status_shows_phase_step_bar_and_last_analysis_when_paused() -> None:
     text = out.getvalue()
     assert "Phase:      Paused" in text
     assert "Step:       1/3 (pause until promoted)" in text
-    assert "Weight:     [#####...............] 25%" in text
+    assert "Weight:     [#####...............] 25% of amalia-sft's share" in text
+    # The whole split, every variant: the one the rollout leaves alone too.
+    assert "Traffic:    amalia-sft 68 (68%), amalia-base 10 (10%), amalia-dpo 22 (22%)" in text
     assert "error-rate=0.002 (threshold <= 0.01)" in text
     assert "Condition:  Progressing=Unknown Paused" in text
+
+
+def test_status_shows_step_as_stopped_not_running_when_aborted() -> None:
+    status = {
+        **OBJ["status"],
+        "stage": "RolledBack",
+        "phase": "RolledBack",
+        "stepIndex": 2,
+        "abortedAt": "2026-11-26T12:05:00Z",
+    }
+    out = io.StringIO()
+    api = FakeApi({**OBJ, "status": status})
+    assert cli.main(["status", "sft-to-dpo", "-n", "amalia"], out=out, api=api) == 0  # type: ignore[arg-type]
+    assert "Step:       stopped at 2/3 (analysis): aborted" in out.getvalue()
 
 
 @pytest.mark.parametrize("action", ["promote", "abort", "retry"])

@@ -70,8 +70,9 @@ CANARY = CanaryVariant.model_validate(
 )
 
 
-def edit(text: str, weights: dict[str, int], add: bool = False, remove: str | None = None) -> str:
-    return serveconfig.apply_edit(text, "amalia", ServeEdit(weights, add, remove), CANARY, STABLE)
+def edit(text: str, percent: int, add: bool = False, remove: tuple[str, ...] = ()) -> str:
+    change = ServeEdit(STABLE, CANARY.name, percent, add, remove)
+    return serveconfig.apply_edit(text, "amalia", change, CANARY)
 
 
 def apps(text: str) -> dict[str, dict[str, Any]]:
@@ -93,7 +94,7 @@ def test_observe_lists_variant_applications_and_front_weights_when_production_la
 
 
 def test_add_canary_appends_application_from_stable_args_with_overrides_when_deploying() -> None:
-    out = edit(CONFIG, {STABLE: 100, "amalia-dpo": 0}, add=True)
+    out = edit(CONFIG, 0, add=True)
     assert list(apps(out)) == ["embeddings", "amalia", STABLE, "amalia-dpo"]
     assert apps(out)["amalia-dpo"] == {
         "name": "amalia-dpo",
@@ -121,14 +122,14 @@ def test_canary_application_validates_as_serve_variant_when_added() -> None:
 
     from amalia_serve.config import VariantConfig
 
-    out = edit(CONFIG, {STABLE: 100, "amalia-dpo": 0}, add=True)
+    out = edit(CONFIG, 0, add=True)
     ServeDeploySchema.model_validate(yaml.safe_load(out))
     VariantConfig.model_validate(apps(out)["amalia-dpo"]["args"])
 
 
 def test_edits_keep_untouched_bytes_when_canary_added_and_weights_moved() -> None:
-    added = edit(CONFIG, {STABLE: 100, "amalia-dpo": 0}, add=True)
-    out = edit(added, {STABLE: 75, "amalia-dpo": 25})
+    added = edit(CONFIG, 0, add=True)
+    out = edit(added, 25)
     # The stable's application is byte-for-byte the same: Serve sees equal args, nothing restarts.
     assert out.startswith(
         HEADER
@@ -141,22 +142,22 @@ def test_edits_keep_untouched_bytes_when_canary_added_and_weights_moved() -> Non
 
 
 def test_edits_restore_original_bytes_when_canary_added_then_removed() -> None:
-    with_canary = edit(CONFIG, {STABLE: 100, "amalia-dpo": 0}, add=True)
+    with_canary = edit(CONFIG, 0, add=True)
     assert with_canary != CONFIG
-    unweighted = edit(with_canary, {STABLE: 100}, remove="amalia-dpo")
+    unweighted = edit(with_canary, 0, remove=("amalia-dpo",))
     # Weight first: the ingress stops naming the canary while its application still exists.
     assert "amalia-dpo" in apps(unweighted)
     assert serveconfig.observe(unweighted, "amalia").weights == {STABLE: 100}
-    assert edit(unweighted, {STABLE: 100}, remove="amalia-dpo") == CONFIG
+    assert edit(unweighted, 0, remove=("amalia-dpo",)) == CONFIG
 
 
 def test_remove_variant_drops_weight_then_application_when_promoted() -> None:
-    with_canary = edit(CONFIG, {STABLE: 0, "amalia-dpo": 100}, add=True)
-    unweighted = edit(with_canary, {"amalia-dpo": 100}, remove=STABLE)
+    with_canary = edit(CONFIG, 100, add=True)
+    unweighted = edit(with_canary, 100, remove=(STABLE,))
     assert STABLE in apps(unweighted)
     # args.routing.weights (the ingress's start-up weights) no longer name the removed variant.
     assert apps(unweighted)["amalia"]["args"]["routing"] == {"weights": {"amalia-dpo": 100}}
-    out = edit(unweighted, {"amalia-dpo": 100}, remove=STABLE)
+    out = edit(unweighted, 100, remove=(STABLE,))
     assert list(apps(out)) == ["embeddings", "amalia", "amalia-dpo"]
     assert serveconfig.observe(out, "amalia") == serveconfig.AppView(
         ("amalia-dpo",), {"amalia-dpo": 100}
@@ -170,9 +171,20 @@ def test_remove_leaves_other_applications_when_name_is_not_a_variant() -> None:
 
 
 def test_apply_edit_returns_same_text_when_nothing_to_change() -> None:
-    once = edit(CONFIG, {STABLE: 100, "amalia-dpo": 0}, add=True)
-    assert edit(once, {STABLE: 100, "amalia-dpo": 0}, add=True) is once
-    assert edit(CONFIG, {STABLE: 100}) is CONFIG
+    once = edit(CONFIG, 0, add=True)
+    assert edit(once, 0, add=True) is once
+
+
+def test_edits_keep_other_variants_weights_when_rollout_moves_its_share() -> None:
+    three = CONFIG.replace(
+        "weights: {amalia-sft: 100}", "weights: {amalia-sft: 90, amalia-base: 10}"
+    )
+    out = edit(three, 50, add=True)
+    assert serveconfig.observe(out, "amalia").weights == {
+        STABLE: 45,
+        "amalia-base": 10,
+        "amalia-dpo": 45,
+    }
 
 
 @pytest.mark.parametrize(
@@ -222,7 +234,7 @@ def test_edits_raise_when_layout_is_not_production() -> None:
 
 
 def rayservice(statuses: dict[str, Any]) -> dict[str, Any]:
-    canary = edit(CONFIG, {STABLE: 100, "amalia-dpo": 0}, add=True)
+    canary = edit(CONFIG, 0, add=True)
     return {
         "spec": {"serveConfigV2": canary},
         "status": {"activeServiceStatus": {"applicationStatuses": statuses}},
