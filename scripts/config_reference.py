@@ -19,6 +19,7 @@ from amalia_serve.config import (
     EngineConfig,
     IngressConfig,
     MeshConfig,
+    RequestLimits,
     RoutingConfig,
     VariantConfig,
 )
@@ -30,6 +31,7 @@ MODELS: list[tuple[type[BaseModel], str]] = [
     (EngineConfig, "`engine` of a variant"),
     (DeploymentOptions, "`deployment` of a variant, `ingress.deployment`"),
     (IngressConfig, "`ingress` of the front application"),
+    (RequestLimits, "`ingress.limits` of the front application"),
     (AuthConfig, "`ingress.auth` of the front application"),
     (MeshConfig, "`ingress.mesh`: the service mesh and the caller identity"),
     (CallerRule, "an entry of `ingress.mesh.allowed_callers`"),

@@ -1,10 +1,11 @@
 """The OpenAI-compatible front door: HTTP request -> validation -> route decision -> variant handle -> response.
 
-Status codes: 400 malformed JSON or a request the engine refuses (context overflow, ...), 401 no valid API key
-(when `ingress.auth` configures keys; `/healthz` and `/readyz` stay open), 403 a caller that
-`ingress.mesh.allowed_callers` does not list, 404 unknown model or route, 413 body too large, 422 a body that
+Status codes: 400 malformed JSON, a request past `ingress.limits` or one the engine refuses (context overflow,
+...), 401 no valid API key (when `ingress.auth` configures keys; `/healthz` and `/readyz` stay open), 403 a caller
+that `ingress.mesh.allowed_callers` does not list, 404 unknown model or route, 413 body too large, 422 a body that
 breaks the request schema (wrong type, empty messages, max_tokens < 1), 429 a variant's queue is full, 503 no
-variant replica can take the request. Every error has OpenAI's shape.
+variant replica can take the request, 504 past `ingress.request_timeout_s`. Every error has OpenAI's shape; every
+429 and 503 carries `Retry-After`.
 
 No `from __future__ import annotations` here: FastAPI reads the route signatures at runtime, and Serve's
 class-based ingress cannot resolve postponed (string) annotations such as `request: Request`.
@@ -44,6 +45,7 @@ from amalia_serve.engine import EngineOutput
 from amalia_serve.logging_setup import install_caller_log_field
 from amalia_serve.metrics import IngressMetrics
 from amalia_serve.protocol import GenerationFailure, GenerationRequest, Operation
+from amalia_serve.request_limits import LimitExceeded, check_request_limits
 from amalia_serve.routing import RouteDecision, TrafficSplit, UnknownVariantError
 from amalia_serve.tracing import ServerSpan, configure_tracing, extract_carrier, server_span
 
@@ -114,6 +116,25 @@ def _schema_error(errors: Any) -> ApiError:
     param = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
     return ApiError(422, f"{param or 'body'}: {first.get('msg', 'invalid value')}", param=param,
                     code=str(first.get("type", "invalid_value")))  # fmt: skip
+
+
+# Statuses that tell the caller to come back later; each carries Retry-After (ingress.retry_after_s).
+RETRY_LATER = frozenset({429, 503})
+
+
+def _with_retry_after(status: int, headers: dict[str, str], retry_after_s: int) -> dict[str, str]:
+    return {**headers, "Retry-After": str(retry_after_s)} if status in RETRY_LATER else headers
+
+
+def _timeout_error(timeout_s: float) -> ApiError:
+    return ApiError(504, f"the request did not finish within {timeout_s:g} s (ingress.request_timeout_s); it "
+                    "was stopped", "timeout_error", code="request_timeout")  # fmt: skip
+
+
+async def _next_before(stream: Any, deadline: float) -> Any:
+    """The stream's next item; TimeoutError once the event loop's clock passes `deadline`."""
+    async with asyncio.timeout_at(deadline):
+        return await anext(stream)
 
 
 def _sse(payload: dict[str, Any] | str) -> bytes:
@@ -224,9 +245,11 @@ class AmaliaIngress:
         names = self.variant_names
         results = await asyncio.gather(*(probe(n) for n in names))
         ready = all(results)
+        status = 200 if ready else 503
         return JSONResponse(
             {"status": "ready" if ready else "not ready", "variants": dict(zip(names, results))},
-            status_code=200 if ready else 503,
+            status_code=status,
+            headers=_with_retry_after(status, {}, self.args.ingress.retry_after_s),
         )
 
     @api.get("/routing")
@@ -241,11 +264,11 @@ class AmaliaIngress:
         self._admit(request)
         return oai.model_list([self.args.model_alias, *self.variant_names])
 
-    @api.post("/v1/chat/completions")
+    @api.post("/v1/chat/completions", openapi_extra=oai.openapi_request_body(oai.ChatCompletionRequest))
     async def chat_completions(self, request: Request) -> Response:
         return await self._complete(request, "chat")
 
-    @api.post("/v1/completions")
+    @api.post("/v1/completions", openapi_extra=oai.openapi_request_body(oai.CompletionRequest))
     async def completions(self, request: Request) -> Response:
         return await self._complete(request, "text_completion")
 
@@ -259,11 +282,13 @@ class AmaliaIngress:
                 key_name = self._authenticate(request)
                 caller = self._admit(request)
                 body = await self._parse(request, operation)
+                self._check_limits(body)
                 decision = self._route(body, request, caller)
                 span.set_route(decision.variant, decision.reason.value)
                 response = await self._generate(body, decision, operation, started, span, key_name)
             except ApiError as exc:
-                response = exc.response({VARIANT_HEADER: decision.variant} if decision else None)
+                headers = {VARIANT_HEADER: decision.variant} if decision else {}
+                response = exc.response(_with_retry_after(exc.status, headers, self.args.ingress.retry_after_s))
             if isinstance(response, StreamingResponse):
                 span.keep_open()  # the body generator ends it with the stream
             else:
@@ -314,6 +339,12 @@ class AmaliaIngress:
         except ValidationError as exc:
             raise _schema_error(exc.errors()) from None
 
+    def _check_limits(self, body: oai.ChatCompletionRequest | oai.CompletionRequest) -> None:
+        try:
+            check_request_limits(body, self.args.ingress.limits)
+        except LimitExceeded as exc:
+            raise ApiError(400, f"{exc.param}: {exc}", param=exc.param, code=exc.code) from None
+
     def _route(
         self,
         body: oai.ChatCompletionRequest | oai.CompletionRequest,
@@ -358,9 +389,14 @@ class AmaliaIngress:
             prompt=body.prompt_text() if isinstance(body, oai.CompletionRequest) else None,
             trace_carrier=span.carrier,
         )
+        timeout_s = self.args.ingress.request_timeout_s
+        deadline = asyncio.get_running_loop().time() + timeout_s - (time.monotonic() - started)
         stream = self._stream_handle(decision.variant).generate.remote(generation)
         try:
-            first = await stream.__anext__()
+            first = await _next_before(stream, deadline)
+        except TimeoutError:
+            stream.cancel()  # the variant's generator is cancelled and aborts the request in its engine
+            raise _timeout_error(timeout_s) from None
         except BackPressureError:
             stream.cancel()
             raise ApiError(429, f"variant {decision.variant} is at capacity; retry later", "rate_limit_error",
@@ -375,11 +411,16 @@ class AmaliaIngress:
         self.metrics.record_first_token(decision.variant, time.monotonic() - started)
         headers = {VARIANT_HEADER: decision.variant}
         if body.stream:
-            events = self._stream_events(body, decision, operation, rid, first, stream, started, span, key_name)
+            events = self._stream_events(body, decision, operation, rid, first, stream, started, span, key_name,
+                                         deadline)  # fmt: skip
             return StreamingResponse(events, media_type="text/event-stream", headers=headers)
         text, last = [first.text], first
         while last.finish_reason is None:  # the final output ends it; no wait for end-of-stream
-            item = await anext(stream)
+            try:
+                item = await _next_before(stream, deadline)
+            except TimeoutError:
+                stream.cancel()
+                raise _timeout_error(timeout_s) from None
             if isinstance(item, GenerationFailure):
                 stream.cancel()
                 raise ApiError(item.status, item.message, item.error_type, item.param, item.code)
@@ -408,6 +449,7 @@ class AmaliaIngress:
         started: float,
         span: ServerSpan,
         key_name: str | None,
+        deadline: float,
     ) -> AsyncIterator[bytes]:
         model, created = decision.variant, int(time.time())
         status = 200
@@ -420,7 +462,7 @@ class AmaliaIngress:
                     yield _sse(self._chunk(operation, rid, model, created, last))
                 if last.finish_reason is not None:
                     break
-                item = await anext(stream)
+                item = await _next_before(stream, deadline)
                 if isinstance(item, GenerationFailure):
                     raise VariantFailed(item)
                 last = item
@@ -433,6 +475,12 @@ class AmaliaIngress:
             status = 499  # client closed the connection (nginx's convention)
             span.record_error(exc)
             raise
+        except TimeoutError:
+            error = _timeout_error(self.args.ingress.request_timeout_s)
+            status = error.status
+            span.record_error(error)
+            logger.warning("stream from variant %s: %s", model, error.message)
+            yield _sse(oai.error_body(error.message, error.error_type, code=error.code))
         except VariantFailed as exc:
             status = exc.failure.status
             span.record_error(exc)
