@@ -14,6 +14,9 @@ COPY --chown=ray:users operators/ operators/
 RUN pip install --no-cache-dir "ray[serve]==2.60.0" . \
  && python -c "import amalia_serve, ray; assert ray.__version__ == '2.60.0'"
 
-# Weights come from a mounted volume only (the chart sets these too).
-ENV HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONDONTWRITEBYTECODE=1
+# Weights come from a mounted volume only, and nothing phones home: no Ray or vLLM usage statistics
+# (Ray's also probe the cloud metadata address). The chart sets these too, and VLLM_HOST_IP to the pod's
+# address; without it amalia-serve gives vLLM Ray's node address.
+ENV HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 RAY_USAGE_STATS_ENABLED=0 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 \
+    PYTHONDONTWRITEBYTECODE=1
 USER 1000

