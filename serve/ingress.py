@@ -126,15 +126,28 @@ def _with_retry_after(status: int, headers: dict[str, str], retry_after_s: int) 
     return {**headers, "Retry-After": str(retry_after_s)} if status in RETRY_LATER else headers
 
 
-def _timeout_error(timeout_s: float) -> ApiError:
-    return ApiError(504, f"the request did not finish within {timeout_s:g} s (ingress.request_timeout_s); it "
-                    "was stopped", "timeout_error", code="request_timeout")  # fmt: skip
+async def _next_item(stream: Any, variant: str, deadline: float, timeout_s: float) -> Any:
+    """The next item of a variant's stream, before `deadline` (the event loop's clock).
 
-
-async def _next_before(stream: Any, deadline: float) -> Any:
-    """The stream's next item; TimeoutError once the event loop's clock passes `deadline`."""
-    async with asyncio.timeout_at(deadline):
-        return await anext(stream)
+    Past the deadline, when the variant's queue is full or when the call fails (its replica died, say), the
+    stream is cancelled, so the variant's generator ends and its engine frees the slot, and ApiError says why:
+    504, 429 or 503.
+    """
+    try:
+        async with asyncio.timeout_at(deadline):
+            return await anext(stream)
+    except TimeoutError:
+        error = ApiError(504, f"the request did not finish within {timeout_s:g} s (ingress.request_timeout_s); "
+                         "it was stopped", "timeout_error", code="request_timeout")  # fmt: skip
+    except BackPressureError:
+        error = ApiError(429, f"variant {variant} is at capacity; retry later", "rate_limit_error",
+                         code="variant_overloaded")  # fmt: skip
+    except Exception:
+        logger.exception("variant %s failed", variant)
+        error = ApiError(503, f"variant {variant} is unavailable", "service_unavailable",
+                         code="variant_unavailable")  # fmt: skip
+    stream.cancel()
+    raise error
 
 
 def _sse(payload: dict[str, Any] | str) -> bytes:
@@ -392,20 +405,7 @@ class AmaliaIngress:
         timeout_s = self.args.ingress.request_timeout_s
         deadline = asyncio.get_running_loop().time() + timeout_s - (time.monotonic() - started)
         stream = self._stream_handle(decision.variant).generate.remote(generation)
-        try:
-            first = await _next_before(stream, deadline)
-        except TimeoutError:
-            stream.cancel()  # the variant's generator is cancelled and aborts the request in its engine
-            raise _timeout_error(timeout_s) from None
-        except BackPressureError:
-            stream.cancel()
-            raise ApiError(429, f"variant {decision.variant} is at capacity; retry later", "rate_limit_error",
-                           code="variant_overloaded") from None  # fmt: skip
-        except Exception:
-            logger.exception("variant %s failed", decision.variant)
-            stream.cancel()
-            raise ApiError(503, f"variant {decision.variant} is unavailable", "service_unavailable",
-                           code="variant_unavailable") from None  # fmt: skip
+        first = await _next_item(stream, decision.variant, deadline, timeout_s)
         if isinstance(first, GenerationFailure):
             raise ApiError(first.status, first.message, first.error_type, first.param, first.code)
         self.metrics.record_first_token(decision.variant, time.monotonic() - started)
@@ -416,11 +416,7 @@ class AmaliaIngress:
             return StreamingResponse(events, media_type="text/event-stream", headers=headers)
         text, last = [first.text], first
         while last.finish_reason is None:  # the final output ends it; no wait for end-of-stream
-            try:
-                item = await _next_before(stream, deadline)
-            except TimeoutError:
-                stream.cancel()
-                raise _timeout_error(timeout_s) from None
+            item = await _next_item(stream, decision.variant, deadline, timeout_s)
             if isinstance(item, GenerationFailure):
                 stream.cancel()
                 raise ApiError(item.status, item.message, item.error_type, item.param, item.code)
@@ -462,7 +458,7 @@ class AmaliaIngress:
                     yield _sse(self._chunk(operation, rid, model, created, last))
                 if last.finish_reason is not None:
                     break
-                item = await _next_before(stream, deadline)
+                item = await _next_item(stream, model, deadline, self.args.ingress.request_timeout_s)
                 if isinstance(item, GenerationFailure):
                     raise VariantFailed(item)
                 last = item
@@ -475,12 +471,11 @@ class AmaliaIngress:
             status = 499  # client closed the connection (nginx's convention)
             span.record_error(exc)
             raise
-        except TimeoutError:
-            error = _timeout_error(self.args.ingress.request_timeout_s)
-            status = error.status
-            span.record_error(error)
-            logger.warning("stream from variant %s: %s", model, error.message)
-            yield _sse(oai.error_body(error.message, error.error_type, code=error.code))
+        except ApiError as exc:  # past the deadline, or the variant failed (its replica died)
+            status = exc.status
+            span.record_error(exc)
+            logger.warning("stream from variant %s ended: %s", model, exc.message)
+            yield _sse(oai.error_body(exc.message, exc.error_type, code=exc.code))
         except VariantFailed as exc:
             status = exc.failure.status
             span.record_error(exc)
