@@ -69,3 +69,25 @@ def running_serve(config: dict[str, Any], num_cpus: int = 4) -> Iterator[Running
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def engine_stats(variant: str) -> dict[str, int]:
+    """`unfinished` and `aborted` of the variant's engine (its one replica), asked over a DeploymentHandle."""
+    from ray import serve
+
+    stats = serve.get_deployment_handle(variant, app_name=variant).stats.remote().result(timeout_s=30)
+    return {"unfinished": stats.unfinished, "aborted": stats.aborted}
+
+
+def replica_processes(app: str, deployment: str) -> list[Any]:
+    """The worker processes of a deployment's replicas, by the title Ray gives them:
+    `ray::ServeReplica:<app>:<deployment>` (while a method runs Ray may append `.method`)."""
+    import psutil
+
+    title = f"ray::ServeReplica:{app}:{deployment}"
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        words = " ".join(proc.info["cmdline"] or []).split()
+        if words and (words[0] == title or words[0].startswith(f"{title}.")):
+            found.append(proc)
+    return found

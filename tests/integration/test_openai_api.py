@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
-from serve_harness import RunningServe, demo_app_config, free_port, running_serve
+from serve_harness import RunningServe, demo_app_config, engine_stats, free_port, running_serve
 from transformers import AutoTokenizer
 
 from amalia_serve.constants import DEFAULT_SYSTEM_PROMPT
@@ -42,13 +42,6 @@ def tokenizer(demo_checkpoints: tuple[Path, Path]):  # type: ignore[no-untyped-d
 def chat_prompt_tokens(tokenizer, messages: list[dict[str, str]]) -> int:  # type: ignore[no-untyped-def]
     full = [{"role": "system", "content": DEFAULT_SYSTEM_PROMPT}, *messages]
     return len(tokenizer.apply_chat_template(full, add_generation_prompt=True, tokenize=True)["input_ids"])
-
-
-def engine_stats(variant: str) -> dict[str, object]:
-    from ray import serve
-
-    stats = serve.get_deployment_handle(variant, app_name=variant).stats.remote().result(timeout_s=30)
-    return {"unfinished": stats.unfinished, "aborted": stats.aborted}
 
 
 # ---- happy paths --------------------------------------------------------------------------------------------
@@ -201,7 +194,7 @@ def test_client_disconnect_mid_stream_frees_engine_slot(served: RunningServe) ->
     while engine_stats("amalia-sft")["unfinished"] != 0:
         assert time.monotonic() < deadline, "engine slot still held 10 s after the client went away"
         time.sleep(0.1)
-    assert engine_stats("amalia-sft")["aborted"] == before["aborted"] + 1  # type: ignore[operator]
+    assert engine_stats("amalia-sft")["aborted"] == before["aborted"] + 1
 
 
 def test_variant_answers_429_in_openai_shape_when_its_engine_is_full(served: RunningServe) -> None:
@@ -228,5 +221,6 @@ def test_variant_answers_429_in_openai_shape_when_its_engine_is_full(served: Run
             release.set()
         assert [f.result() for f in held] == [200, 200, 200]
     assert refused.status_code == 429, refused.text
+    assert refused.headers["retry-after"] == "2"  # ingress.retry_after_s's default
     error = refused.json()["error"]
     assert (error["type"], error["code"]) == ("rate_limit_error", "engine_queue_full")
