@@ -91,3 +91,26 @@ def replica_processes(app: str, deployment: str) -> list[Any]:
         if words and (words[0] == title or words[0].startswith(f"{title}.")):
             found.append(proc)
     return found
+
+
+def engine_core_of(variant: str) -> Any:
+    """vLLM's engine-core process under the variant's replica (its title is set by vLLM, `VLLM::EngineCore`)."""
+    for replica in replica_processes(variant, variant):
+        cores = [c for c in replica.children(recursive=True) if "EngineCore" in " ".join(c.cmdline() or [c.name()])]
+        if cores:
+            return cores[0]
+    raise AssertionError(f"no vLLM engine-core process under a replica of {variant}")
+
+
+@contextmanager
+def engine_paused(variant: str) -> Iterator[None]:
+    """SIGSTOP the variant's engine core for the block: requests it has taken stay in flight, however fast the
+    model; the replica itself keeps answering Serve. SIGCONT afterwards."""
+    import signal
+
+    core = engine_core_of(variant)
+    core.send_signal(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        core.send_signal(signal.SIGCONT)

@@ -7,17 +7,23 @@ and `short` (route `/short`) whose deadline (`ingress.request_timeout_s`) is 2 s
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import httpx
 import openai
 import pytest
-from serve_harness import RunningServe, demo_app_config, engine_stats, free_port, running_serve
+from serve_harness import (
+    RunningServe,
+    demo_app_config,
+    engine_paused,
+    engine_stats,
+    free_port,
+    running_serve,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -39,8 +45,8 @@ def served(demo_checkpoints: tuple[Path, Path]) -> Iterator[RunningServe]:
                        "ray_actor_options": {"num_cpus": 0.25}},
         "limits": LIMITS,
     }  # fmt: skip
-    # amalia-sft's replica runs one request at a time and each ingress replica queues one more for it.
-    sft_app["args"]["deployment"].update({"max_ongoing_requests": 1, "max_queued_requests": 1})
+    # amalia-sft's replica takes two requests at a time and each ingress replica queues one more for it.
+    sft_app["args"]["deployment"].update({"max_ongoing_requests": 2, "max_queued_requests": 1})
     short = json.loads(json.dumps(front))
     short.update(name="short", route_prefix="/short")
     short["args"]["ingress"] = {"request_timeout_s": DEADLINE_S,
@@ -63,44 +69,37 @@ def wait_for(condition: Any, what: str, timeout_s: float = 30.0) -> None:
         time.sleep(0.05)
 
 
-class HeldStreams:
-    """Streaming chats that stay open (the server keeps generating) until the block ends."""
+class HeldRequests:
+    """Short chats sent while their variant's engine is paused (serve_harness.engine_paused): they stay in
+    flight, whatever the speed of the model, until the engine goes on."""
 
     def __init__(self, url: str, model: str, count: int) -> None:
-        self.url, self.model, self.count = url, model, count
-        self.release = threading.Event()
-        self.started = threading.Semaphore(0)
         self.pool = ThreadPoolExecutor(count)
+        body = {"model": model, "messages": CHAT, "max_tokens": 4}
+        self.futures = [self.pool.submit(httpx.post, f"{url}/v1/chat/completions", json=body, timeout=120)
+                        for _ in range(count)]  # fmt: skip
+        time.sleep(2)  # they reach the engine, or the queues in front of it
 
-    def _hold(self) -> int:
-        body = {"model": self.model, **LONG, "stream": True}
-        with httpx.stream("POST", f"{self.url}/v1/chat/completions", json=body, timeout=120) as response:
-            self.started.release()
-            self.release.wait(60)
-            return response.status_code
-
-    def __enter__(self) -> Self:
-        self.futures = [self.pool.submit(self._hold) for _ in range(self.count)]
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release.set()
-        self.pool.shutdown(wait=True)
+    def statuses(self) -> list[int]:
+        """Once the engine goes on: every held request's status."""
+        statuses = [f.result().status_code for f in self.futures]
+        self.pool.shutdown()
+        return statuses
 
 
 # ---- bounded queues and Retry-After -------------------------------------------------------------------------
 
 
 def test_full_variant_queue_answers_429_with_retry_after_in_openai_shape(served: RunningServe) -> None:
-    """amalia-sft: 1 request on its replica, 1 in the ingress's queue for it; the next is refused at once."""
-    with HeldStreams(served.base_url, "amalia-sft", 2) as held:
-        # Not engine_stats: a stats call would wait behind the stream for the replica's one slot.
-        assert held.started.acquire(timeout=60), "no stream reached amalia-sft"
-        time.sleep(1)  # the second one is in the ingress's queue for the replica by now
+    """amalia-sft's replica takes 2 requests and each ingress replica queues 1 more for it; the next is refused
+    at once."""
+    with engine_paused("amalia-sft"):
+        held = HeldRequests(served.base_url, "amalia-sft", 3)
         started = time.monotonic()
         refused = httpx.post(f"{served.base_url}/v1/chat/completions", timeout=60,
                              json={"model": "amalia-sft", "messages": CHAT, "max_tokens": 4})  # fmt: skip
         waited = time.monotonic() - started
+    assert held.statuses() == [200, 200, 200], "the held requests are served once the engine goes on"
     assert refused.status_code == 429, refused.text
     assert refused.headers["retry-after"] == "2"
     error = openai_error(refused)
@@ -113,17 +112,16 @@ def test_full_ingress_queue_gets_serve_proxy_429_with_retry_after_in_plain_text(
     ingress's backpressure_config, and a plain-text body (Ray 2.60 writes it; no setting changes it). OpenAI's
     client still raises RateLimitError."""
     client = openai.OpenAI(base_url=f"{served.base_url}/v1", api_key="unused", max_retries=0, timeout=60)
-    with HeldStreams(served.base_url, "amalia-dpo", INGRESS_ONGOING) as held:
-        for _ in range(INGRESS_ONGOING):
-            assert held.started.acquire(timeout=60), "a held stream did not start"
+    with engine_paused("amalia-dpo"):
+        held = HeldRequests(served.base_url, "amalia-dpo", INGRESS_ONGOING)  # the ingress replica is full
         with ThreadPoolExecutor(1) as pool:
             queued = pool.submit(httpx.get, f"{served.base_url}/healthz", timeout=90)
             time.sleep(1)  # the proxy holds it in the ingress's queue
             refused = httpx.get(f"{served.base_url}/v1/models", timeout=30)
             with pytest.raises(openai.RateLimitError) as raised:
                 client.models.list()
-            held.release.set()
-            assert queued.result().status_code == 200, "the queued request is served once the streams end"
+    assert queued.result().status_code == 200, "the queued request is served once the ingress has room"
+    assert held.statuses() == [200] * INGRESS_ONGOING
     assert refused.status_code == 429, refused.text
     assert refused.headers["retry-after"] == "2"
     assert refused.headers["content-type"].startswith("text/plain")
