@@ -1,4 +1,4 @@
-"""Start `amalia-serve run` under `strace -f -e trace=connect`, serve one chat, stop it; print one JSON line.
+"""Start `amalia-serve run` under `strace -f` (connect, execve, clones), serve one chat, stop it; print JSON.
 
 Run inside a network namespace that has only loopback (tests/integration/test_zero_outbound.py does:
 `unshare -n` + `ip link set lo up`), so nothing can leave and every attempt shows in the trace. This
@@ -63,9 +63,11 @@ def main() -> int:
     env = {k: os.environ[k] for k in KEPT_ENV if k in os.environ} | MAKE_RUN_ENV
     server = [str(Path(sys.executable).with_name("amalia-serve")), "run", "--config", args.config,
               "--port", str(args.port)]  # fmt: skip
-    # --seccomp-bpf stops the tracees only at connect(), so the stack runs at nearly its normal speed.
-    strace = subprocess.Popen(["strace", "-f", "-qq", "--seccomp-bpf", "-e", "trace=connect", "-o", args.trace,
-                               *server], cwd=args.workdir, env=env)  # fmt: skip
+    # --seccomp-bpf stops the tracees only at the traced calls, so the stack runs at nearly its normal speed;
+    # execve and the clones tell which program each thread belongs to.
+    strace = subprocess.Popen(["strace", "-f", "-qq", "--seccomp-bpf", "-s", "200",
+                               "-e", "trace=connect,execve,clone,clone3,fork,vfork", "-o", args.trace, *server],
+                              cwd=args.workdir, env=env)  # fmt: skip
     base = f"http://127.0.0.1:{args.port}"
     result: dict[str, object] = {}
     try:

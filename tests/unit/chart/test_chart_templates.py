@@ -64,6 +64,7 @@ def test_ray_containers_turn_off_usage_statistics_and_address_probes_when_render
         for spec in ray_pod_specs(one(render("helm3", values), "RayService")):
             env = {e["name"]: e for e in spec["containers"][0]["env"]}
             assert env["RAY_USAGE_STATS_ENABLED"]["value"] == "0"
+            assert env["RAY_USAGE_STATS_REPORT_URL"]["value"].startswith("http://127.0.0.1:")
             assert env["VLLM_NO_USAGE_STATS"]["value"] == env["DO_NOT_TRACK"]["value"] == "1"
             assert env["VLLM_HOST_IP"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
 
