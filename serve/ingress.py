@@ -277,11 +277,11 @@ class AmaliaIngress:
         self._admit(request)
         return oai.model_list([self.args.model_alias, *self.variant_names])
 
-    @api.post("/v1/chat/completions", openapi_extra=oai.openapi_request_body(oai.ChatCompletionRequest))
+    @api.post("/v1/chat/completions", openapi_extra=oai.openapi_request_body(oai.ChatCompletionRequest, oai.CHAT_EXAMPLE))
     async def chat_completions(self, request: Request) -> Response:
         return await self._complete(request, "chat")
 
-    @api.post("/v1/completions", openapi_extra=oai.openapi_request_body(oai.CompletionRequest))
+    @api.post("/v1/completions", openapi_extra=oai.openapi_request_body(oai.CompletionRequest, oai.COMPLETION_EXAMPLE))
     async def completions(self, request: Request) -> Response:
         return await self._complete(request, "text_completion")
 

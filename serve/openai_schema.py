@@ -99,7 +99,11 @@ class CompletionRequest(_GenerationRequest):
         return self._sampling(self.max_tokens)
 
 
-def openapi_request_body(model: type[BaseModel]) -> dict[str, Any]:
+CHAT_EXAMPLE = {"model": "amalia", "messages": [{"role": "user", "content": "Olá! Quem és tu?"}], "max_tokens": 32}
+COMPLETION_EXAMPLE = {"model": "amalia", "prompt": "Lisboa é", "max_tokens": 16}
+
+
+def openapi_request_body(model: type[BaseModel], example: dict[str, Any]) -> dict[str, Any]:
     """`openapi_extra` for a route that reads its body itself: the model's JSON schema as the request body.
 
     The routes parse the raw body (so bad JSON and oversize bodies get OpenAI-shaped errors), which hides the
@@ -118,7 +122,8 @@ def openapi_request_body(model: type[BaseModel]) -> dict[str, Any]:
             return [inline(value) for value in node]
         return node
 
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(schema)}}}}
+    body = {"schema": inline(schema), "example": example}
+    return {"requestBody": {"required": True, "content": {"application/json": body}}}
 
 
 # ---- responses --------------------------------------------------------------------------------------------------

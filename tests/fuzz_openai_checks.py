@@ -1,5 +1,8 @@
-"""Schemathesis checks for the OpenAI API, loaded by `schemathesis run` through SCHEMATHESIS_HOOKS
+"""Schemathesis hooks and checks for the OpenAI API, loaded by `schemathesis run` through SCHEMATHESIS_HOOKS
 (tests/integration/test_fuzz_openapi_serve.py).
+
+`served_model_or_not`: a generated body's `model` is random text, which only ever meets the 404 for an unknown
+model; each body is also tried with a served model name, so the fuzzed sampling fields reach the engine.
 
 `openai_error_shape`: every error response has OpenAI's JSON shape, and a 429 or 503 says when to retry.
 `posts_reach_the_engine`: each POST operation was answered 200 at least once, so the fuzzer built valid
@@ -12,8 +15,17 @@ import json
 from typing import Any
 
 import schemathesis
+from hypothesis import strategies as st
 
 ERROR_KEYS = {"message", "type", "param", "code"}
+SERVED_MODELS = ["amalia", "amalia-sft", "amalia-dpo"]
+
+
+@schemathesis.hook("flatmap_body")
+def served_model_or_not(context: Any, body: Any) -> Any:
+    if not isinstance(body, dict) or not isinstance(body.get("model"), str):
+        return st.just(body)
+    return st.one_of(st.just(body), st.sampled_from(SERVED_MODELS).map(lambda model: {**body, "model": model}))
 
 
 @schemathesis.check
