@@ -23,7 +23,7 @@ from pathlib import Path
 # What `make run` exports (Makefile), and nothing else of the caller's environment: the defaults are on trial.
 MAKE_RUN_ENV = {"RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
 KEPT_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "USER")
-READY_TIMEOUT_S = 420.0
+READY_TIMEOUT_S = 300.0
 STOP_TIMEOUT_S = 60.0
 
 

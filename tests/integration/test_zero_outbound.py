@@ -6,8 +6,10 @@ connect() goes to loopback or a unix socket.
 One exception, and only from Ray's dashboard process: Ray 2.60's usage-statistics module looks up the cloud it
 runs on (169.254.169.254:80 and a DNS query for metadata.google.internal) when the dashboard starts, even with
 RAY_USAGE_STATS_ENABLED=0 (`UsageStatsHead.run` calls `get_cluster_config_to_report` before it checks the
-setting), and no setting turns that off. The serving image avoids it (docker/serve.Dockerfile); a local run
-cannot without patching Ray. The test fails on any other connection outside loopback, from any process.
+setting), and no setting turns that off. The serving image skips it with the `~/ray_bootstrap_config.yaml` that
+docker/serve.Dockerfile writes: the second run here puts that same file in HOME and allows no exception at all.
+A local run cannot skip it without patching Ray or writing into the developer's home. Any other connection
+outside loopback, from any process, fails both runs.
 
 Needs root (unshare), strace and iproute2: CI runs as root, and `scripts/install-test-tools.sh` installs both.
 """
@@ -25,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(480)]
 
 ROOT = Path(__file__).resolve().parents[2]
 PROBE = ROOT / "tests" / "outbound_probe.py"
@@ -43,6 +45,15 @@ RETURNED = re.compile(r"= (\d+)$")
 # What Ray 2.60's dashboard does at start whatever the settings (see the module docstring).
 RAY_DASHBOARD = "ray/dashboard/dashboard.py"
 RAY_CLOUD_PROBE_PORTS = {"169.254.169.254": "80"}
+DOCKERFILE = ROOT / "docker" / "serve.Dockerfile"
+BOOTSTRAP_LINE = re.compile(r"^RUN printf '(.*)' > /home/ray/ray_bootstrap_config\.yaml$", re.MULTILINE)
+
+
+def image_bootstrap_config() -> str:
+    """The ~/ray_bootstrap_config.yaml the serving image writes (docker/serve.Dockerfile)."""
+    match = BOOTSTRAP_LINE.search(DOCKERFILE.read_text(encoding="utf-8"))
+    assert match is not None, f"{DOCKERFILE} no longer writes ~/ray_bootstrap_config.yaml"
+    return match.group(1).replace("\\n", "\n")
 
 
 def connect_targets(trace: str) -> list[str]:
@@ -164,19 +175,25 @@ def test_connects_are_attributed_to_the_program_of_their_process_across_threads_
 @pytest.mark.skipif(os.geteuid() != 0, reason="unshare -n needs root (CI runs as root)")
 @pytest.mark.skipif(not (shutil.which("strace") and shutil.which("ip") and shutil.which("unshare")),
                     reason="needs strace, iproute2 and util-linux: scripts/install-test-tools.sh")  # fmt: skip
+@pytest.mark.parametrize("home", ["developer", "image"])
 def test_make_run_stack_connects_only_to_loopback_when_serving_a_chat(
-    demo_checkpoints: tuple[Path, Path], tmp_path: Path
+    demo_checkpoints: tuple[Path, Path], tmp_path: Path, home: str
 ) -> None:
     models = tmp_path / ".models"  # configs/local.yaml names its checkpoints relative to the working directory
     models.mkdir()
     for checkpoint in demo_checkpoints:
         (models / checkpoint.name).symlink_to(checkpoint)
+    env = dict(os.environ)
+    if home == "image":  # the HOME of the serving image's `ray` user, as far as Ray's dashboard reads it
+        env["HOME"] = str(tmp_path / "home")
+        Path(env["HOME"]).mkdir()
+        (Path(env["HOME"]) / "ray_bootstrap_config.yaml").write_text(image_bootstrap_config(), encoding="utf-8")
     log = tmp_path / "connect.trace"
     probe = subprocess.run(
         ["unshare", "-n", "--", "sh", "-c", 'ip link set lo up && exec "$@"', "sh",
          sys.executable, str(PROBE), "--trace", str(log), "--config", str(ROOT / "configs" / "local.yaml"),
          "--workdir", str(tmp_path)],
-        capture_output=True, text=True, timeout=840, check=False,
+        capture_output=True, text=True, timeout=420, check=False, env=env,
     )  # fmt: skip
     assert probe.returncode == 0, probe.stdout[-3000:] + probe.stderr[-3000:]
     result = json.loads(probe.stdout.strip().splitlines()[-1])
@@ -188,5 +205,6 @@ def test_make_run_stack_connects_only_to_loopback_when_serving_a_chat(
     outside = sorted({(program, t) for program, t in calls if not is_local(t)})
     print(f"\n{len(calls)} connect() calls; outside loopback: {[(p[-120:], t) for p, t in outside]}")
     assert all(program for program, _ in calls), "a connect() from a process whose program the trace did not see"
-    unexpected = [(program, t) for program, t in outside if not is_rays_cloud_probe(program, t)]
+    allowed = is_rays_cloud_probe if home == "developer" else (lambda program, target: False)
+    unexpected = [(program, t) for program, t in outside if not allowed(program, t)]
     assert unexpected == [], f"connections attempted outside loopback: {unexpected}"
