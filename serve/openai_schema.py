@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from amalia_serve.sampling import SamplingParams
 
@@ -52,6 +52,13 @@ class _GenerationRequest(_Request):
     presence_penalty: float = Field(0.0, ge=0.0, le=0.0, description="Not supported; only 0 is accepted.")
     frequency_penalty: float = Field(0.0, ge=0.0, le=0.0, description="Not supported; only 0 is accepted.")
     ignore_eos: bool = Field(False, description="vLLM's extension: generate max_tokens even past end-of-sequence.")
+
+    @field_validator("stop")
+    @classmethod
+    def _no_empty_stop(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        if any(not text for text in ([stop] if isinstance(stop, str) else stop or [])):
+            raise ValueError("a stop string must not be empty")
+        return stop
 
     @property
     def include_usage_in_stream(self) -> bool:

@@ -140,6 +140,8 @@ BAD_REQUESTS = [
      {"model": "amalia-sft", "prompt": "olá " * 3000, "max_tokens": 5}, 400, "context_length_exceeded", "max_tokens"),
     ("empty prompt", "/v1/completions", {"model": "amalia", "prompt": ""}, 422, "value_error", None),
     ("n > 1", "/v1/completions", {"model": "amalia", "prompt": "x", "n": 2}, 422, "less_than_equal", "n"),
+    ("empty stop string", "/v1/completions",
+     {"model": "amalia", "prompt": "x", "stop": ["a", ""]}, 422, "value_error", "stop"),
     ("missing model", "/v1/completions", {"prompt": "x"}, 422, "missing", "model"),
     ("unknown header variant", "/v1/chat/completions",
      {"model": "amalia", "messages": CHAT}, 400, "unknown_variant", "x-amalia-variant"),

@@ -27,3 +27,12 @@ def test_openapi_body_describes_the_request_model_without_references_when_it_nes
     assert set(model.model_fields) == set(schema["properties"])
     assert "$ref" not in json.dumps(schema) and "$defs" not in schema
     model.model_validate(body["content"]["application/json"]["example"])  # the example is a valid request
+
+
+@pytest.mark.parametrize("stop", ["", ["fim", ""]])
+def test_empty_stop_string_refused_naming_stop(stop: object) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError) as refused:
+        CompletionRequest.model_validate({"model": "amalia", "prompt": "x", "stop": stop})
+    assert refused.value.errors()[0]["loc"] == ("stop",)
