@@ -13,6 +13,7 @@ class-based ingress cannot resolve postponed (string) annotations such as `reque
 
 
 import asyncio
+import contextlib
 import json
 import logging
 import random
@@ -146,8 +147,18 @@ async def _next_item(stream: Any, variant: str, deadline: float, timeout_s: floa
         logger.exception("variant %s failed", variant)
         error = ApiError(503, f"variant {variant} is unavailable", "service_unavailable",
                          code="variant_unavailable")  # fmt: skip
-    stream.cancel()
+    _cancel(stream)
     raise error
+
+
+def _cancel(stream: Any) -> None:
+    """Cancel a variant call, so its generator ends and the engine frees the slot.
+
+    Serve's cancel() first fetches the call's assignment, and when that failed (a full queue: BackPressureError)
+    it raises that failure again, out of the handler that is answering it (Ray 2.60); such a call holds nothing.
+    """
+    with contextlib.suppress(Exception):
+        stream.cancel()
 
 
 def _sse(payload: dict[str, Any] | str) -> bytes:
@@ -418,11 +429,11 @@ class AmaliaIngress:
         while last.finish_reason is None:  # the final output ends it; no wait for end-of-stream
             item = await _next_item(stream, decision.variant, deadline, timeout_s)
             if isinstance(item, GenerationFailure):
-                stream.cancel()
+                _cancel(stream)
                 raise ApiError(item.status, item.message, item.error_type, item.param, item.code)
             last = item
             text.append(last.text)
-        stream.cancel()
+        _cancel(stream)
         if key_name is not None:
             self.metrics.record_api_key_tokens(key_name, last.prompt_tokens, last.output_tokens)
         used = oai.usage(last.prompt_tokens, last.output_tokens)
@@ -487,7 +498,7 @@ class AmaliaIngress:
             logger.exception("stream from variant %s failed", model)
             yield _sse(oai.error_body("the stream was interrupted", "server_error"))
         finally:
-            stream.cancel()
+            _cancel(stream)
             if key_name is not None:  # what was generated, also for a stream cut short
                 self.metrics.record_api_key_tokens(key_name, last.prompt_tokens, last.output_tokens)
             span.set_status_code(200 if status == 499 else status)

@@ -76,9 +76,11 @@ class HeldRequests:
     def __init__(self, url: str, model: str, count: int) -> None:
         self.pool = ThreadPoolExecutor(count)
         body = {"model": model, "messages": CHAT, "max_tokens": 4}
-        self.futures = [self.pool.submit(httpx.post, f"{url}/v1/chat/completions", json=body, timeout=120)
-                        for _ in range(count)]  # fmt: skip
-        time.sleep(2)  # they reach the engine, or the queues in front of it
+        self.futures = []
+        for _ in range(count):  # one by one, so each has found its place before the next comes
+            self.futures.append(self.pool.submit(httpx.post, f"{url}/v1/chat/completions", json=body, timeout=120))
+            time.sleep(0.5)
+        time.sleep(1)
 
     def statuses(self) -> list[int]:
         """Once the engine goes on: every held request's status."""
@@ -90,9 +92,17 @@ class HeldRequests:
 # ---- bounded queues and Retry-After -------------------------------------------------------------------------
 
 
+def warm(url: str, model: str) -> None:
+    """One request through, so the ingress's handle to the variant knows its replicas and its queue bound."""
+    reply = httpx.post(f"{url}/v1/chat/completions", json={"model": model, "messages": CHAT, "max_tokens": 2},
+                       timeout=60)  # fmt: skip
+    assert reply.status_code == 200, reply.text
+
+
 def test_full_variant_queue_answers_429_with_retry_after_in_openai_shape(served: RunningServe) -> None:
     """amalia-sft's replica takes 2 requests and each ingress replica queues 1 more for it; the next is refused
     at once."""
+    warm(served.base_url, "amalia-sft")
     with engine_paused("amalia-sft"):
         held = HeldRequests(served.base_url, "amalia-sft", 3)
         started = time.monotonic()
@@ -112,6 +122,7 @@ def test_full_ingress_queue_gets_serve_proxy_429_with_retry_after_in_plain_text(
     ingress's backpressure_config, and a plain-text body (Ray 2.60 writes it; no setting changes it). OpenAI's
     client still raises RateLimitError."""
     client = openai.OpenAI(base_url=f"{served.base_url}/v1", api_key="unused", max_retries=0, timeout=60)
+    warm(served.base_url, "amalia-dpo")
     with engine_paused("amalia-dpo"):
         held = HeldRequests(served.base_url, "amalia-dpo", INGRESS_ONGOING)  # the ingress replica is full
         with ThreadPoolExecutor(1) as pool:
