@@ -146,6 +146,7 @@ def test_full_ingress_queue_gets_serve_proxy_429_with_retry_after_in_plain_text(
 def test_deadline_before_first_byte_answers_504_in_openai_shape_and_frees_the_engine_slot(
     served: RunningServe,
 ) -> None:
+    wait_for(lambda: engine_stats("amalia-dpo")["unfinished"] == 0, "amalia-dpo idle before the test")
     before = engine_stats("amalia-dpo")
     started = time.monotonic()
     reply = httpx.post(f"{served.base_url}/short/v1/chat/completions", json={"model": "amalia-dpo", **LONG},
@@ -163,6 +164,7 @@ def test_deadline_before_first_byte_answers_504_in_openai_shape_and_frees_the_en
 def test_deadline_mid_stream_ends_with_timeout_error_event_and_frees_the_engine_slot(
     served: RunningServe,
 ) -> None:
+    wait_for(lambda: engine_stats("amalia-dpo")["unfinished"] == 0, "amalia-dpo idle before the test")
     before = engine_stats("amalia-dpo")
     events = []
     body = {"model": "amalia-dpo", **LONG, "stream": True}
