@@ -15,7 +15,13 @@ COPY --chown=ray:users operators/ operators/
 RUN pip install --no-cache-dir "ray[serve]==2.60.0" ".[gpu]" \
  && python -c "import amalia_serve, ray, vllm; assert ray.__version__ == '2.60.0'; print('vllm', vllm.__version__)"
 
-# Weights come from a mounted volume only, and nothing phones home (the chart sets these too).
-ENV HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONDONTWRITEBYTECODE=1 \
-    VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1
+# Weights come from a mounted volume only, and nothing phones home: no Ray or vLLM usage statistics,
+# and the one "disabled" report a `ray start` cluster still posts goes to a closed loopback port. The
+# chart sets these too, and VLLM_HOST_IP to the pod's address; without it amalia-serve gives vLLM Ray's
+# node address.
+ENV HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 RAY_USAGE_STATS_ENABLED=0 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 \
+    RAY_USAGE_STATS_REPORT_URL=http://127.0.0.1:9/ PYTHONDONTWRITEBYTECODE=1
+# Ray 2.60's dashboard looks up its cloud (169.254.169.254 and DNS for metadata.google.internal) at
+# start, whatever RAY_USAGE_STATS_ENABLED says, unless ~/ray_bootstrap_config.yaml names the provider.
+RUN printf 'provider:\n  type: kuberay\n' > /home/ray/ray_bootstrap_config.yaml
 USER 1000

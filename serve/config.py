@@ -221,8 +221,12 @@ class DeploymentOptions(AmaliaModel):
         None, description="Autoscale between min and max replicas instead (see AutoscalingOptions)."
     )
     max_ongoing_requests: int = Field(64, ge=1, description="Requests one replica accepts at once.")
-    max_queued_requests: int = Field(
-        -1, ge=-1, description="Requests the callers queue for this deployment before rejecting; -1 is unbounded."
+    max_queued_requests: int | None = Field(
+        None, ge=-1, description="Requests each caller (an ingress replica for a variant, Serve's HTTP proxy for "
+        "the ingress) holds for this deployment while every replica already has max_ongoing_requests; the next "
+        "one is refused with HTTP 429 and Retry-After. null: equal to max_ongoing_requests, one more replica's "
+        "worth of waiting work, so a request waits at most about one turn of generations before it is served "
+        "or refused. -1 removes the bound (not recommended: the queue then grows without limit under overload)."
     )
     ray_actor_options: dict[str, Any] = Field(
         default_factory=lambda: {"num_cpus": 1},
@@ -245,9 +249,15 @@ class DeploymentOptions(AmaliaModel):
     def serve_options(self) -> dict[str, Any]:
         """The keyword arguments for ``Deployment.options``."""
         options = self.model_dump(exclude_none=True, exclude={"autoscaling_config"})
+        options["max_queued_requests"] = self.queue_bound
         if self.autoscaling_config is not None:
             options["autoscaling_config"] = self.autoscaling_config.serve_config()
         return options
+
+    @property
+    def queue_bound(self) -> int:
+        """Serve's `max_queued_requests`: bounded unless set to -1."""
+        return self.max_ongoing_requests if self.max_queued_requests is None else self.max_queued_requests
 
 
 class VariantConfig(AmaliaModel):
@@ -414,6 +424,25 @@ class MeshConfig(AmaliaModel):
         return self.provider != "none" and self.trust_identity_header
 
 
+class RequestLimits(AmaliaModel):
+    """What one request may ask for, checked in the ingress before a variant tokenizes anything.
+
+    Each limit is answered with HTTP 400 in OpenAI's shape, `param` naming the field.
+    """
+
+    max_messages: int = Field(2048, ge=1, description="Messages in one chat (OpenAI's own limit).")
+    max_prompt_chars: int = Field(
+        262144, ge=1, description="Characters of the prompt: all message contents of a chat together, or the "
+        "completion prompt. The default is what a 32k-token context holds at 8 characters per token, so no "
+        "prompt that could fit is refused, and no multi-megabyte text is tokenized only to be refused."
+    )
+    max_stop_sequences: int = Field(4, ge=0, description="Stop strings in `stop` (OpenAI's limit).")
+    max_stop_chars: int = Field(
+        256, ge=1, description="Characters of one stop string: the engine looks for each stop string in the "
+        "newest text after every step, so long ones cost every stream time."
+    )
+
+
 class IngressConfig(AmaliaModel):
     """The OpenAI-compatible front deployment."""
 
@@ -423,6 +452,19 @@ class IngressConfig(AmaliaModel):
     )
     max_request_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Larger bodies get HTTP 413.")
     ready_timeout_s: float = Field(2.0, gt=0, description="How long /readyz waits for each variant.")
+    request_timeout_s: float = Field(
+        1800.0, gt=0, description="Deadline of one completion, from its arrival at the ingress: past it the "
+        "request is aborted in the engine (its slot freed) and answered with HTTP 504 (`code: request_timeout`), "
+        "or, once a stream has started, with an SSE error event. The default lets a 32k-token answer finish at "
+        "20 tokens/s per stream."
+    )
+    retry_after_s: int = Field(
+        2, ge=0, description="Seconds in the `Retry-After` header of every 429 and 503 (full queues, a variant "
+        "without a replica), also of the 429 Serve's proxy answers when the ingress's own queue is full."
+    )
+    limits: RequestLimits = Field(
+        default_factory=RequestLimits, description="Per-request limits (see RequestLimits)."
+    )
     auth: AuthConfig = Field(default_factory=AuthConfig, description="API keys (see AuthConfig).")
     mesh: MeshConfig = Field(
         default_factory=MeshConfig,

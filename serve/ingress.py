@@ -1,10 +1,11 @@
 """The OpenAI-compatible front door: HTTP request -> validation -> route decision -> variant handle -> response.
 
-Status codes: 400 malformed JSON or a request the engine refuses (context overflow, ...), 401 no valid API key
-(when `ingress.auth` configures keys; `/healthz` and `/readyz` stay open), 403 a caller that
-`ingress.mesh.allowed_callers` does not list, 404 unknown model or route, 413 body too large, 422 a body that
+Status codes: 400 malformed JSON, a request past `ingress.limits` or one the engine refuses (context overflow,
+...), 401 no valid API key (when `ingress.auth` configures keys; `/healthz` and `/readyz` stay open), 403 a caller
+that `ingress.mesh.allowed_callers` does not list, 404 unknown model or route, 413 body too large, 422 a body that
 breaks the request schema (wrong type, empty messages, max_tokens < 1), 429 a variant's queue is full, 503 no
-variant replica can take the request. Every error has OpenAI's shape.
+variant replica can take the request, 504 past `ingress.request_timeout_s`. Every error has OpenAI's shape; every
+429 and 503 carries `Retry-After`.
 
 No `from __future__ import annotations` here: FastAPI reads the route signatures at runtime, and Serve's
 class-based ingress cannot resolve postponed (string) annotations such as `request: Request`.
@@ -45,6 +46,7 @@ from amalia_serve.engine import EngineOutput
 from amalia_serve.logging_setup import install_caller_log_field
 from amalia_serve.metrics import IngressMetrics
 from amalia_serve.protocol import GenerationFailure, GenerationRequest, Operation
+from amalia_serve.request_limits import LimitExceeded, check_request_limits
 from amalia_serve.routing import RouteDecision, TrafficSplit, UnknownVariantError
 from amalia_serve.tracing import ServerSpan, configure_tracing, extract_carrier, server_span
 
@@ -117,12 +119,46 @@ def _schema_error(errors: Any) -> ApiError:
                     code=str(first.get("type", "invalid_value")))  # fmt: skip
 
 
-def _cancel_unassigned(stream: Any) -> None:
-    """Cancels a variant stream whose first item failed. Ray 2.60's ``cancel()`` first fetches the
-    request's assignment and re-raises its error (``DeploymentUnavailableError`` when the variant's
-    application is gone, ``BackPressureError`` when its queue is full): such a request never reached
-    a replica, so there is nothing left to cancel. Letting that error escape skipped the 503/429
-    answer and the request metric, so a canary failing this way looked healthy to the analysis."""
+# Statuses that tell the caller to come back later; each carries Retry-After (ingress.retry_after_s).
+RETRY_LATER = frozenset({429, 503})
+
+
+def _with_retry_after(status: int, headers: dict[str, str], retry_after_s: int) -> dict[str, str]:
+    return {**headers, "Retry-After": str(retry_after_s)} if status in RETRY_LATER else headers
+
+
+async def _next_item(stream: Any, variant: str, deadline: float, timeout_s: float) -> Any:
+    """The next item of a variant's stream, before `deadline` (the event loop's clock).
+
+    Past the deadline, when the variant's queue is full or when the call fails (its replica died, say), the
+    stream is cancelled, so the variant's generator ends and its engine frees the slot, and ApiError says why:
+    504, 429 or 503.
+    """
+    try:
+        async with asyncio.timeout_at(deadline):
+            return await anext(stream)
+    except TimeoutError:
+        error = ApiError(504, f"the request did not finish within {timeout_s:g} s (ingress.request_timeout_s); "
+                         "it was stopped", "timeout_error", code="request_timeout")  # fmt: skip
+    except BackPressureError:
+        error = ApiError(429, f"variant {variant} is at capacity; retry later", "rate_limit_error",
+                         code="variant_overloaded")  # fmt: skip
+    except Exception:
+        logger.exception("variant %s failed", variant)
+        error = ApiError(503, f"variant {variant} is unavailable", "service_unavailable",
+                         code="variant_unavailable")  # fmt: skip
+    _cancel(stream)
+    raise error
+
+
+def _cancel(stream: Any) -> None:
+    """Cancel a variant call, so its generator ends and the engine frees the slot.
+
+    Serve's cancel() first fetches the call's assignment, and when that failed (a full queue: BackPressureError;
+    the variant's application gone: DeploymentUnavailableError) it raises that failure again, out of the handler
+    that is answering it (Ray 2.60); such a call holds nothing. Letting that error escape skipped the 429/503
+    answer and the request metric, so a canary failing this way looked healthy to the analysis.
+    """
     with contextlib.suppress(Exception):
         stream.cancel()
 
@@ -244,6 +280,7 @@ class AmaliaIngress:
             {"status": "ready" if ready else "not ready", "variants": {n: answers[n] for n in names},
              "scaled_to_zero": sorted(idle)},
             status_code=200 if ready else 503,
+            headers=_with_retry_after(200 if ready else 503, {}, self.args.ingress.retry_after_s),
         )  # fmt: skip
 
     def _scaled_to_zero(self, names: list[str]) -> set[str]:
@@ -269,11 +306,11 @@ class AmaliaIngress:
         self._admit(request)
         return oai.model_list([self.args.model_alias, *self.variant_names])
 
-    @api.post("/v1/chat/completions")
+    @api.post("/v1/chat/completions", openapi_extra=oai.openapi_request_body(oai.ChatCompletionRequest, oai.CHAT_EXAMPLE))
     async def chat_completions(self, request: Request) -> Response:
         return await self._complete(request, "chat")
 
-    @api.post("/v1/completions")
+    @api.post("/v1/completions", openapi_extra=oai.openapi_request_body(oai.CompletionRequest, oai.COMPLETION_EXAMPLE))
     async def completions(self, request: Request) -> Response:
         return await self._complete(request, "text_completion")
 
@@ -287,11 +324,13 @@ class AmaliaIngress:
                 key_name = self._authenticate(request)
                 caller = self._admit(request)
                 body = await self._parse(request, operation)
+                self._check_limits(body)
                 decision = self._route(body, request, caller)
                 span.set_route(decision.variant, decision.reason.value)
                 response = await self._generate(body, decision, operation, started, span, key_name)
             except ApiError as exc:
-                response = exc.response({VARIANT_HEADER: decision.variant} if decision else None)
+                headers = {VARIANT_HEADER: decision.variant} if decision else {}
+                response = exc.response(_with_retry_after(exc.status, headers, self.args.ingress.retry_after_s))
             if isinstance(response, StreamingResponse):
                 span.keep_open()  # the body generator ends it with the stream
             else:
@@ -342,6 +381,12 @@ class AmaliaIngress:
         except ValidationError as exc:
             raise _schema_error(exc.errors()) from None
 
+    def _check_limits(self, body: oai.ChatCompletionRequest | oai.CompletionRequest) -> None:
+        try:
+            check_request_limits(body, self.args.ingress.limits)
+        except LimitExceeded as exc:
+            raise ApiError(400, f"{exc.param}: {exc}", param=exc.param, code=exc.code) from None
+
     def _route(
         self,
         body: oai.ChatCompletionRequest | oai.CompletionRequest,
@@ -386,34 +431,27 @@ class AmaliaIngress:
             prompt=body.prompt_text() if isinstance(body, oai.CompletionRequest) else None,
             trace_carrier=span.carrier,
         )
+        timeout_s = self.args.ingress.request_timeout_s
+        deadline = asyncio.get_running_loop().time() + timeout_s - (time.monotonic() - started)
         stream = self._stream_handle(decision.variant).generate.remote(generation)
-        try:
-            first = await stream.__anext__()
-        except BackPressureError:
-            _cancel_unassigned(stream)
-            raise ApiError(429, f"variant {decision.variant} is at capacity; retry later", "rate_limit_error",
-                           code="variant_overloaded") from None  # fmt: skip
-        except Exception:
-            logger.exception("variant %s failed", decision.variant)
-            _cancel_unassigned(stream)
-            raise ApiError(503, f"variant {decision.variant} is unavailable", "service_unavailable",
-                           code="variant_unavailable") from None  # fmt: skip
+        first = await _next_item(stream, decision.variant, deadline, timeout_s)
         if isinstance(first, GenerationFailure):
             raise ApiError(first.status, first.message, first.error_type, first.param, first.code)
         self.metrics.record_first_token(decision.variant, time.monotonic() - started)
         headers = {VARIANT_HEADER: decision.variant}
         if body.stream:
-            events = self._stream_events(body, decision, operation, rid, first, stream, started, span, key_name)
+            events = self._stream_events(body, decision, operation, rid, first, stream, started, span, key_name,
+                                         deadline)  # fmt: skip
             return StreamingResponse(events, media_type="text/event-stream", headers=headers)
         text, last = [first.text], first
         while last.finish_reason is None:  # the final output ends it; no wait for end-of-stream
-            item = await anext(stream)
+            item = await _next_item(stream, decision.variant, deadline, timeout_s)
             if isinstance(item, GenerationFailure):
-                stream.cancel()
+                _cancel(stream)
                 raise ApiError(item.status, item.message, item.error_type, item.param, item.code)
             last = item
             text.append(last.text)
-        stream.cancel()
+        _cancel(stream)
         if key_name is not None:
             self.metrics.record_api_key_tokens(key_name, last.prompt_tokens, last.output_tokens)
         used = oai.usage(last.prompt_tokens, last.output_tokens)
@@ -436,6 +474,7 @@ class AmaliaIngress:
         started: float,
         span: ServerSpan,
         key_name: str | None,
+        deadline: float,
     ) -> AsyncIterator[bytes]:
         model, created = decision.variant, int(time.time())
         status = 200
@@ -448,7 +487,7 @@ class AmaliaIngress:
                     yield _sse(self._chunk(operation, rid, model, created, last))
                 if last.finish_reason is not None:
                     break
-                item = await anext(stream)
+                item = await _next_item(stream, model, deadline, self.args.ingress.request_timeout_s)
                 if isinstance(item, GenerationFailure):
                     raise VariantFailed(item)
                 last = item
@@ -461,6 +500,11 @@ class AmaliaIngress:
             status = 499  # client closed the connection (nginx's convention)
             span.record_error(exc)
             raise
+        except ApiError as exc:  # past the deadline, or the variant failed (its replica died)
+            status = exc.status
+            span.record_error(exc)
+            logger.warning("stream from variant %s ended: %s", model, exc.message)
+            yield _sse(oai.error_body(exc.message, exc.error_type, code=exc.code))
         except VariantFailed as exc:
             status = exc.failure.status
             span.record_error(exc)
@@ -472,7 +516,7 @@ class AmaliaIngress:
             logger.exception("stream from variant %s failed", model)
             yield _sse(oai.error_body("the stream was interrupted", "server_error"))
         finally:
-            stream.cancel()
+            _cancel(stream)
             if key_name is not None:  # what was generated, also for a stream cut short
                 self.metrics.record_api_key_tokens(key_name, last.prompt_tokens, last.output_tokens)
             span.set_status_code(200 if status == 499 else status)

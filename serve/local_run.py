@@ -87,15 +87,21 @@ def start_local_ray(
     metrics_export_port: int | None = None,
     log_to_driver: bool = True,
 ) -> None:
-    """A new laptop-local Ray: auth off, the dashboard (which `serve deploy` talks to) on loopback only."""
+    """A new laptop-local Ray: auth off, the dashboard (which `serve deploy` talks to) on loopback only, and
+    nothing that connects outside the machine (tests/integration/test_zero_outbound.py traces it)."""
     import ray
 
     # Ray 2.60 enables token auth for new local clusters; on loopback it only gets in a newcomer's way.
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # Ray's usage statistics also probe the cloud metadata address (169.254.169.254) and resolve
+    # metadata.google.internal at start. Set before ray.init: every Ray process inherits it.
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if ray.is_initialized():
         return
     ray.init(
         address="local",  # never join some other cluster `ray start` left running on this machine
+        # Named, so Ray does not find this node's address by connecting towards 8.8.8.8 and 2001:4860:4860::8888.
+        _node_ip_address="127.0.0.1",
         namespace=SERVE_NAMESPACE,
         num_cpus=num_cpus,
         include_dashboard=dashboard,

@@ -1,7 +1,7 @@
 """The OpenAI request bodies we accept and the response bodies we build.
 
-Requests are Pydantic models (FastAPI validates them and the error handler turns failures into OpenAI-shaped
-errors). Fields OpenAI defines that we do not implement are refused when set to a non-default value rather than
+Requests are Pydantic models (the ingress validates them and turns failures into OpenAI-shaped errors; the
+per-request limits, such as the number of stop strings, are config and live in amalia_serve.request_limits). Fields OpenAI defines that we do not implement are refused when set to a non-default value rather than
 silently ignored; unknown extra fields are ignored, as OpenAI-compatible servers do for forward compatibility.
 """
 
@@ -13,8 +13,6 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from amalia_serve.sampling import SamplingParams
-
-MAX_STOP_SEQUENCES = 4
 
 
 class _Request(BaseModel):
@@ -57,9 +55,9 @@ class _GenerationRequest(_Request):
 
     @field_validator("stop")
     @classmethod
-    def _stop_list(cls, stop: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(stop, list) and len(stop) > MAX_STOP_SEQUENCES:
-            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed")
+    def _no_empty_stop(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        if any(not text for text in ([stop] if isinstance(stop, str) else stop or [])):
+            raise ValueError("a stop string must not be empty")
         return stop
 
     @property
@@ -106,6 +104,33 @@ class CompletionRequest(_GenerationRequest):
 
     def sampling(self) -> SamplingParams:
         return self._sampling(self.max_tokens)
+
+
+CHAT_EXAMPLE = {"model": "amalia", "messages": [{"role": "user", "content": "Olá! Quem és tu?"}], "max_tokens": 32}
+COMPLETION_EXAMPLE = {"model": "amalia", "prompt": "Lisboa é", "max_tokens": 16}
+
+
+def openapi_request_body(model: type[BaseModel], example: dict[str, Any]) -> dict[str, Any]:
+    """`openapi_extra` for a route that reads its body itself: the model's JSON schema as the request body.
+
+    The routes parse the raw body (so bad JSON and oversize bodies get OpenAI-shaped errors), which hides the
+    model from FastAPI; this describes it in /openapi.json for clients and fuzzers without changing validation.
+    References are inlined: the operation has no `$defs` of its own to point into.
+    """
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return inline(defs[node["$ref"].rsplit("/", 1)[-1]])
+            return {key: inline(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [inline(value) for value in node]
+        return node
+
+    body = {"schema": inline(schema), "example": example}
+    return {"requestBody": {"required": True, "content": {"application/json": body}}}
 
 
 # ---- responses --------------------------------------------------------------------------------------------------

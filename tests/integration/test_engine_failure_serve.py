@@ -13,10 +13,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from serve_harness import RunningServe, demo_app_config, free_port, running_serve
+from serve_harness import RunningServe, demo_app_config, engine_core_of, free_port, running_serve
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -34,17 +33,6 @@ def served(demo_checkpoints: tuple[Path, Path]) -> Iterator[RunningServe]:
                              deployment={"health_check_period_s": HEALTH_CHECK_PERIOD_S})  # fmt: skip
     with running_serve(config) as running:
         yield running
-
-
-def engine_core_of(variant: str) -> psutil.Process:
-    """vLLM's engine-core process under the variant's replica (its title is set by vLLM, `VLLM::EngineCore`)."""
-    for proc in psutil.process_iter(["cmdline", "name"]):
-        title = " ".join(proc.info["cmdline"] or [proc.info["name"] or ""])
-        if f"ServeReplica:{variant}:" in title:
-            cores = [c for c in proc.children(recursive=True) if "EngineCore" in " ".join(c.cmdline() or [c.name()])]
-            if cores:
-                return cores[0]
-    raise AssertionError(f"no vLLM engine-core process under a replica of {variant}")
 
 
 def five_xx(metrics_url: str, variant: str) -> float:

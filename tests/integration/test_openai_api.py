@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from serve_harness import RunningServe, demo_app_config, free_port, running_serve
+from serve_harness import RunningServe, demo_app_config, engine_stats, free_port, running_serve
 from transformers import AutoTokenizer
 
 from amalia_serve.constants import DEFAULT_SYSTEM_PROMPT
@@ -42,13 +42,6 @@ def tokenizer(demo_checkpoints: tuple[Path, Path]):  # type: ignore[no-untyped-d
 def chat_prompt_tokens(tokenizer, messages: list[dict[str, str]]) -> int:  # type: ignore[no-untyped-def]
     full = [{"role": "system", "content": DEFAULT_SYSTEM_PROMPT}, *messages]
     return len(tokenizer.apply_chat_template(full, add_generation_prompt=True, tokenize=True)["input_ids"])
-
-
-def engine_stats(variant: str) -> dict[str, object]:
-    from ray import serve
-
-    stats = serve.get_deployment_handle(variant, app_name=variant).stats.remote().result(timeout_s=30)
-    return {"unfinished": stats.unfinished, "aborted": stats.aborted}
 
 
 # ---- happy paths --------------------------------------------------------------------------------------------
@@ -147,6 +140,8 @@ BAD_REQUESTS = [
      {"model": "amalia-sft", "prompt": "olá " * 3000, "max_tokens": 5}, 400, "context_length_exceeded", "max_tokens"),
     ("empty prompt", "/v1/completions", {"model": "amalia", "prompt": ""}, 422, "value_error", None),
     ("n > 1", "/v1/completions", {"model": "amalia", "prompt": "x", "n": 2}, 422, "less_than_equal", "n"),
+    ("empty stop string", "/v1/completions",
+     {"model": "amalia", "prompt": "x", "stop": ["a", ""]}, 422, "value_error", "stop"),
     ("missing model", "/v1/completions", {"prompt": "x"}, 422, "missing", "model"),
     ("unknown header variant", "/v1/chat/completions",
      {"model": "amalia", "messages": CHAT}, 400, "unknown_variant", "x-amalia-variant"),
@@ -201,7 +196,7 @@ def test_client_disconnect_mid_stream_frees_engine_slot(served: RunningServe) ->
     while engine_stats("amalia-sft")["unfinished"] != 0:
         assert time.monotonic() < deadline, "engine slot still held 10 s after the client went away"
         time.sleep(0.1)
-    assert engine_stats("amalia-sft")["aborted"] == before["aborted"] + 1  # type: ignore[operator]
+    assert engine_stats("amalia-sft")["aborted"] == before["aborted"] + 1
 
 
 def test_variant_answers_429_in_openai_shape_when_its_engine_is_full(served: RunningServe) -> None:
@@ -228,5 +223,6 @@ def test_variant_answers_429_in_openai_shape_when_its_engine_is_full(served: Run
             release.set()
         assert [f.result() for f in held] == [200, 200, 200]
     assert refused.status_code == 429, refused.text
+    assert refused.headers["retry-after"] == "2"  # ingress.retry_after_s's default
     error = refused.json()["error"]
     assert (error["type"], error["code"]) == ("rate_limit_error", "engine_queue_full")

@@ -16,6 +16,7 @@ from amalia_serve.config import VariantConfig
 from amalia_serve.constants import DEFAULT_SYSTEM_PROMPT
 from amalia_serve.engine import (
     ContextLengthExceeded,
+    EngineError,
     EngineOutput,
     EngineOverloaded,
     EngineUnavailable,
@@ -95,6 +96,17 @@ def test_engine_refuses_context_overflow_naming_prompt_and_limit(
 ) -> None:
     with pytest.raises(ContextLengthExceeded, match=r"maximum context length is 2048 tokens.*4000 for the"):
         run(loop, engine.generate("Olá", SamplingParams(max_tokens=4000), "overflow"))
+
+
+def test_engine_refuses_what_vllm_refuses_as_a_400(
+    engine: VLLMEngine, loop: asyncio.AbstractEventLoop
+) -> None:
+    """vLLM refuses an empty stop string (the ingress refuses it first; the fuzzer found it as a 503): the caller's
+    error, not a failed variant."""
+    with pytest.raises(EngineError, match="empty string") as refused:
+        run(loop, engine.generate("Olá", SamplingParams(max_tokens=4, stop=("",)), "empty-stop"))
+    assert (refused.value.status, refused.value.error_type) == (400, "invalid_request_error")
+    assert engine.stats().unfinished == 0
 
 
 def test_engine_tokenizes_off_the_event_loop_thread(engine: VLLMEngine, loop: asyncio.AbstractEventLoop) -> None:

@@ -157,6 +157,22 @@ RAY_AUTH_MODE is absent on purpose: KubeRay sets it from rayCluster.auth.mode.
   value: "1"
 - name: TRANSFORMERS_OFFLINE
   value: "1"
+# Nothing phones home: Ray's usage statistics (which also probe the cloud metadata address) and
+# vLLM's are off, and vLLM takes the pod's address instead of finding it by a socket towards 8.8.8.8.
+- name: RAY_USAGE_STATS_ENABLED
+  value: "0"
+# With usage statistics off, a `ray start` cluster (KubeRay's) still posts one "disabled" report to
+# Ray's usage server at start (Ray 2.60, UsageStatsHead); this sends it to a closed loopback port.
+- name: RAY_USAGE_STATS_REPORT_URL
+  value: http://127.0.0.1:9/
+- name: VLLM_NO_USAGE_STATS
+  value: "1"
+- name: DO_NOT_TRACK
+  value: "1"
+- name: VLLM_HOST_IP
+  valueFrom:
+    fieldRef:
+      fieldPath: status.podIP
 - name: HF_HOME
   value: {{ printf "%s/.hf-home" .Values.models.mountPath | quote }}
 # The root filesystem is read-only: every cache a library writes goes under the /tmp emptyDir.

@@ -73,6 +73,16 @@ def test_ray_containers_carry_offline_and_tracing_env_when_tracing_enabled() -> 
         assert {"metrics", "serve"} <= {p["name"] for p in container["ports"]}
 
 
+def test_ray_containers_turn_off_usage_statistics_and_address_probes_when_rendered() -> None:
+    for values in (None, PRODUCTION):
+        for spec in ray_pod_specs(one(render("helm3", values), "RayService")):
+            env = {e["name"]: e for e in spec["containers"][0]["env"]}
+            assert env["RAY_USAGE_STATS_ENABLED"]["value"] == "0"
+            assert env["RAY_USAGE_STATS_REPORT_URL"]["value"].startswith("http://127.0.0.1:")
+            assert env["VLLM_NO_USAGE_STATS"]["value"] == env["DO_NOT_TRACK"]["value"] == "1"
+            assert env["VLLM_HOST_IP"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+
+
 def test_ray_containers_omit_tracing_env_when_tracing_disabled() -> None:
     for spec in ray_pod_specs(one(render("helm3"), "RayService")):
         names = env_names(spec["containers"][0])

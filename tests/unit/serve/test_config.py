@@ -44,3 +44,20 @@ def test_serving_args_accept_two_variants_with_weights() -> None:
 def test_serving_args_refused_with_clear_message_when_invalid(overrides: dict[str, object], message: str) -> None:
     with pytest.raises(ValidationError, match=message):
         AmaliaServingArgs.model_validate(args(**overrides))
+
+
+# ---- bounded queues -----------------------------------------------------------------------------------------
+
+
+def test_every_deployment_queue_is_bounded_by_its_ongoing_requests_when_not_set() -> None:
+    parsed = AmaliaServingArgs.model_validate(args())
+    assert parsed.ingress.deployment.serve_options()["max_queued_requests"] == 256
+    variant = parsed.variants[0].deployment
+    assert variant.serve_options()["max_queued_requests"] == variant.max_ongoing_requests == 64
+
+
+@pytest.mark.parametrize(("queued", "bound"), [(10, 10), (-1, -1)])
+def test_deployment_queue_bound_is_what_the_config_says_when_set(queued: int, bound: int) -> None:
+    variant = {"name": "a", "model_path": "/x", "deployment": {"max_queued_requests": queued}}
+    parsed = AmaliaServingArgs.model_validate(args(variants=[variant], routing={}))
+    assert parsed.variants[0].deployment.serve_options()["max_queued_requests"] == bound
