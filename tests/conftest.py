@@ -21,3 +21,41 @@ def demo_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Pa
     from amalia_serve.demo_model import write_demo_models
 
     return write_demo_models(tmp_path_factory.mktemp("demo-models"))
+
+
+def _uses_shared_serve(module: object) -> bool:
+    return getattr(module, "running_serve", None) is not None
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Modules on the shared local Serve (serve_harness.running_serve) run one after another, those on the plain
+    demo variants (marker `demo_variants`) first: each such module then finds vLLM already serving them."""
+
+    def order(item: pytest.Item) -> int:
+        if "integration" not in item.path.parts:
+            return 0
+        if not _uses_shared_serve(getattr(item, "module", None)):
+            return 3
+        return 1 if item.get_closest_marker("demo_variants") else 2
+
+    items.sort(key=order)  # stable: files and tests keep their order within each group
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _own_ray_stops_shared_serve(request: pytest.FixtureRequest) -> None:
+    """A module that does not use the shared Serve may start a Ray of its own (`make run`, a bare
+    `ray.init`): the shared one must be gone by then."""
+    if not _uses_shared_serve(request.module):
+        import sys
+
+        harness = sys.modules.get("serve_harness")
+        if harness is not None:
+            harness.stop_shared_serve()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    import sys
+
+    harness = sys.modules.get("serve_harness")
+    if harness is not None:
+        harness.stop_shared_serve()

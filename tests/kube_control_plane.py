@@ -6,6 +6,7 @@ no scheduler or kubelet, so nothing runs; server-side dry runs are what it is fo
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import time
@@ -82,19 +83,22 @@ def _established(crd: dict[str, Any]) -> bool:
 
 
 @contextmanager
-def control_plane(workdir: Path) -> Iterator[ControlPlane]:
-    """Start etcd + kube-apiserver on loopback in `workdir`; stop exactly those on exit."""
+def started_control_plane(workdir: Path, bin_dir: Path | None = None) -> Iterator[Path]:
+    """Start etcd + kube-apiserver on loopback in `workdir`; yield its admin kubeconfig; stop exactly
+    those on exit. `bin_dir` holds an unpacked kube-apiserver (start-cp.sh unpacks one per start)."""
+    env = {**os.environ, "BIN": str(bin_dir)} if bin_dir else None
     started = subprocess.run(
         ["bash", str(K8S / "start-cp.sh"), str(workdir)],
         capture_output=True,
         text=True,
         timeout=180,
         check=False,
+        env=env,
     )
     try:
         if started.returncode != 0:
             raise RuntimeError(f"start-cp.sh failed:\n{started.stdout}\n{started.stderr}")
-        yield ControlPlane(workdir / "kubeconfig")
+        yield workdir / "kubeconfig"
     finally:
         subprocess.run(
             ["bash", str(K8S / "stop-cp.sh"), str(workdir)],
@@ -102,3 +106,10 @@ def control_plane(workdir: Path) -> Iterator[ControlPlane]:
             timeout=60,
             check=False,
         )
+
+
+@contextmanager
+def control_plane(workdir: Path) -> Iterator[ControlPlane]:
+    """A started control plane, driven through the Python client."""
+    with started_control_plane(workdir) as kubeconfig:
+        yield ControlPlane(kubeconfig)

@@ -1,4 +1,4 @@
-"""Run a Serve config on a real local Ray cluster for one test module, on free loopback ports."""
+"""Run a Serve config on a real local Ray cluster, shared by the test modules that use it, on loopback ports."""
 
 from __future__ import annotations
 
@@ -50,25 +50,62 @@ def demo_app_config(
     return local_serve_config(port, weights, [variant_app("amalia-sft", sft), variant_app("amalia-dpo", dpo)])
 
 
+@dataclass
+class _SharedStack:
+    """The session's local Ray and Serve, kept from one test module to the next."""
+
+    http_port: int
+    metrics_port: int
+
+
+_shared: _SharedStack | None = None
+# Logical CPUs of the session's Ray: enough for the largest module's replicas (tracing runs 4 variants).
+SHARED_NUM_CPUS = 8
+
+
 @contextmanager
-def running_serve(config: dict[str, Any], num_cpus: int = 4) -> Iterator[RunningServe]:
-    """Start a fresh local Ray, deploy `config`, wait until it runs; tear everything down afterwards."""
+def running_serve(config: dict[str, Any], fresh: bool = False) -> Iterator[RunningServe]:
+    """Deploy `config` on the session's local Ray Serve, starting it on first use, and wait until it runs.
+
+    Serve deploys a config declaratively: applications the previous module had and this config lacks are
+    deleted, and an application whose config is unchanged keeps its running replicas, so modules on the same
+    demo variants do not start vLLM again. The config's HTTP port is replaced by the session's. Counters live
+    on (tests compare before and after). `fresh` stops the shared stack first, for a test that must see only
+    series of its own (a new Prometheus would take an earlier module's counters as born in its window).
+    """
+    global _shared
+    from amalia_serve.local_run import deploy_config, start_local_ray, wait_until_running
+
+    if fresh:
+        stop_shared_serve()
+    if _shared is None:
+        stack = _SharedStack(http_port=free_port(), metrics_port=free_port())
+        start_local_ray(num_cpus=SHARED_NUM_CPUS, dashboard=False, metrics_export_port=stack.metrics_port)
+        _shared = stack
+    config = {**config, "http_options": {**config["http_options"], "port": _shared.http_port}}
+    deploy_config(config)
+    names = [app["name"] for app in config["applications"]]
+    wait_until_running(names, timeout_s=300)
+    yield RunningServe(
+        f"http://127.0.0.1:{_shared.http_port}", f"http://127.0.0.1:{_shared.metrics_port}/metrics", names[0]
+    )
+    if fresh:
+        stop_shared_serve()
+
+
+def stop_shared_serve() -> None:
+    """Shut the session's Serve and Ray down (before a module that starts a Ray of its own, and at the end)."""
+    global _shared
+    if _shared is None:
+        return
     import ray
     from ray import serve
 
-    from amalia_serve.local_run import deploy_config, start_local_ray, wait_until_running
-
-    metrics_port = free_port()
-    start_local_ray(num_cpus=num_cpus, dashboard=False, metrics_export_port=metrics_port)
     try:
-        deploy_config(config)
-        names = [app["name"] for app in config["applications"]]
-        wait_until_running(names, timeout_s=300)
-        port = config["http_options"]["port"]
-        yield RunningServe(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics", names[0])
-    finally:
         serve.shutdown()
+    finally:
         ray.shutdown()
+        _shared = None
 
 
 def engine_stats(variant: str) -> dict[str, int]:

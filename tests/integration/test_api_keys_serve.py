@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from secret_volume import write_secret_volume
 from serve_harness import RunningServe, demo_app_config, free_port, running_serve
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.integration, pytest.mark.demo_variants, pytest.mark.timeout(600)]
 
 KEY_A = "sk-amalia-" + "a1" * 16
 KEY_B = "sk-amalia-" + "b2" * 16

@@ -123,15 +123,16 @@ def test_full_ingress_queue_gets_serve_proxy_429_with_retry_after_in_plain_text(
     client still raises RateLimitError."""
     client = openai.OpenAI(base_url=f"{served.base_url}/v1", api_key="unused", max_retries=0, timeout=60)
     warm(served.base_url, "amalia-dpo")
-    with engine_paused("amalia-dpo"):
-        held = HeldRequests(served.base_url, "amalia-dpo", INGRESS_ONGOING)  # the ingress replica is full
-        with ThreadPoolExecutor(1) as pool:
+    # The pool outlives the pause: its exit waits for the queued request, which needs the engine running.
+    with ThreadPoolExecutor(1) as pool:
+        with engine_paused("amalia-dpo"):
+            held = HeldRequests(served.base_url, "amalia-dpo", INGRESS_ONGOING)  # the ingress replica is full
             queued = pool.submit(httpx.get, f"{served.base_url}/healthz", timeout=90)
             time.sleep(1)  # the proxy holds it in the ingress's queue
             refused = httpx.get(f"{served.base_url}/v1/models", timeout=30)
             with pytest.raises(openai.RateLimitError) as raised:
                 client.models.list()
-    assert queued.result().status_code == 200, "the queued request is served once the ingress has room"
+        assert queued.result().status_code == 200, "the queued request is served once the ingress has room"
     assert held.statuses() == [200] * INGRESS_ONGOING
     assert refused.status_code == 429, refused.text
     assert refused.headers["retry-after"] == "2"

@@ -18,7 +18,7 @@ from serve_harness import RunningServe, demo_app_config, free_port, running_serv
 from amalia_operator.evaluation import EvaluationResult, GoldenSet, judge, load_golden_sets
 from amalia_operator.evaluation.runner import EvaluationRun, ask
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.integration, pytest.mark.demo_variants, pytest.mark.timeout(900)]
 
 # One item per kind of check, so every scorer runs on real model output.
 CORE_SUBSET = [

@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 TESTS = Path(__file__).resolve().parents[1]
 MAX_EXAMPLES = 30  # per operation in the examples and coverage phases; fuzzing repeats until MAX_TIME_S
-MAX_TIME_S = 150
+MAX_TIME_S = 45
 SEED = 1
 
 

@@ -24,7 +24,7 @@ from amalia_serve.caller_identity import XFCC_HEADER
 from amalia_serve.metrics import CALLER_REQUESTS, EXPORT_PREFIX
 from amalia_serve.routing import TrafficSplit
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.integration, pytest.mark.demo_variants, pytest.mark.timeout(900)]
 
 WEIGHTS = {"amalia-sft": 50, "amalia-dpo": 50}
 BODY = {"model": "amalia", "prompt": "Olá", "max_tokens": 1}

@@ -41,7 +41,7 @@ WINDOW = "60s"
 def served(demo_checkpoints: tuple[Path, Path]) -> Iterator[RunningServe]:
     sft, dpo = demo_checkpoints
     config = demo_app_config(sft, dpo, free_port(), weights={STABLE: 100, CANARY: 0})
-    with running_serve(config) as serve:
+    with running_serve(config, fresh=True) as serve:
         yield serve
 
 

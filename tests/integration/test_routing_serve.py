@@ -18,7 +18,7 @@ from serve_harness import RunningServe, demo_app_config, free_port, running_serv
 from amalia_serve.local_run import deploy_config, set_weights, with_ingress_weights
 from amalia_serve.routing import TrafficSplit
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.integration, pytest.mark.demo_variants, pytest.mark.timeout(900)]
 
 BODY = {"model": "amalia", "prompt": "Olá", "max_tokens": 1}
 

@@ -62,7 +62,7 @@ def served(demo_checkpoints: tuple[Path, Path], receiver: OtlpHttpReceiver) -> I
         *traced_apps(base, "collector-down", "/down", down, ["down-sft"]),
         *traced_apps(base, "untraced", "/plain", common, ["plain-sft"]),
     ]
-    with running_serve(base, num_cpus=8) as running:
+    with running_serve(base) as running:
         yield running
 
 

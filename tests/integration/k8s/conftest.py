@@ -10,13 +10,13 @@ from __future__ import annotations
 import lzma
 import os
 import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
 from k8s_harness import K8S, KUBECTL, Cluster, require
+from kube_control_plane import started_control_plane
 
 
 @pytest.fixture(scope="session")
@@ -42,19 +42,12 @@ def cluster(apiserver_bin: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     if shutil.which("etcd") is None and not Path("/usr/bin/etcd").exists():
         pytest.fail("etcd is missing: run `make tools` (installs Debian's etcd-server)")
     cp_dir = tmp_path_factory.mktemp("control-plane")
-    env = {**os.environ, "BIN": str(apiserver_bin)}
-    result = subprocess.run(
-        ["bash", str(K8S / "start-cp.sh"), str(cp_dir)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=180,
-        check=False,
-    )
-    if result.returncode != 0:
-        subprocess.run(["bash", str(K8S / "stop-cp.sh"), str(cp_dir)], check=False, timeout=60)
-        pytest.fail(f"control plane did not start:\n{result.stdout}\n{result.stderr}")
-    kubeconfig = cp_dir / "kubeconfig"
+    with started_control_plane(cp_dir, apiserver_bin) as kubeconfig:
+        yield cluster_for(kubeconfig, cp_dir)
+
+
+def cluster_for(kubeconfig: Path, cp_dir: Path) -> Cluster:
+    """kubectl and helm as the control plane's admin, each release's helm state under `cp_dir`."""
     config = yaml.safe_load(kubeconfig.read_text())
     (entry,) = config["clusters"]
     helm_home = cp_dir / "helm"
@@ -65,14 +58,10 @@ def cluster(apiserver_bin: Path, tmp_path_factory: pytest.TempPathFactory) -> It
         "HELM_CONFIG_HOME": str(helm_home / "config"),
         "HELM_DATA_HOME": str(helm_home / "data"),
     }
-    cp = Cluster(
+    return Cluster(
         dir=cp_dir,
         kubeconfig=kubeconfig,
         server=entry["cluster"]["server"],
         ca_data=entry["cluster"]["certificate-authority-data"],
         env=tool_env,
     )
-    try:
-        yield cp
-    finally:
-        subprocess.run(["bash", str(K8S / "stop-cp.sh"), str(cp_dir)], check=False, timeout=60)
