@@ -58,10 +58,15 @@ def served(demo_checkpoints: tuple[Path, Path], receiver: OtlpHttpReceiver) -> I
     down = {**common, "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{free_port()}"}
     base["applications"] = [
         *traced_apps(base, "amalia", "/", on, ["amalia-sft", "amalia-dpo"]),
-        *traced_apps(base, "sampler-off", "/off", off, ["off-sft"]),
         *traced_apps(base, "collector-down", "/down", down, ["down-sft"]),
         *traced_apps(base, "untraced", "/plain", common, ["plain-sft"]),
     ]
+    # The sampler-off front routes to the traced amalia-sft, which exports to the receiver: only the front's
+    # decision, carried in the traceparent it forwards, keeps that variant's spans out.
+    sampler_off = copy.deepcopy(base["applications"][0])
+    sampler_off.update(name="sampler-off", route_prefix="/off", runtime_env={"env_vars": off})
+    sampler_off["deployments"][0]["user_config"] = {"weights": {"amalia-sft": 1}}
+    base["applications"].insert(1, sampler_off)
     with running_serve(base) as running:
         yield running
 
