@@ -13,7 +13,6 @@ class-based ingress cannot resolve postponed (string) annotations such as `reque
 
 
 import asyncio
-import contextlib
 import json
 import logging
 import random
@@ -27,7 +26,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
-from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -49,27 +47,9 @@ from amalia_serve.protocol import GenerationFailure, GenerationRequest, Operatio
 from amalia_serve.request_limits import LimitExceeded, check_request_limits
 from amalia_serve.routing import RouteDecision, TrafficSplit, UnknownVariantError
 from amalia_serve.tracing import ServerSpan, configure_tracing, extract_carrier, server_span
+from amalia_serve.variant_calls import ApiError, cancel_call, next_item
 
 logger = logging.getLogger(f"ray.serve.{__name__}")  # lands in the replica logs under Serve
-
-
-class ApiError(Exception):
-    def __init__(
-        self, status: int, message: str, error_type: str = "invalid_request_error",
-        param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None,
-    ) -> None:  # fmt: skip
-        super().__init__(message)
-        self.status, self.message, self.error_type, self.param, self.code = (
-            status, message, error_type, param, code,
-        )  # fmt: skip
-        self.headers = headers or {}
-
-    def response(self, headers: dict[str, str] | None = None) -> JSONResponse:
-        return JSONResponse(
-            oai.error_body(self.message, self.error_type, self.param, self.code),
-            status_code=self.status,
-            headers={**self.headers, **(headers or {})},
-        )
 
 
 class VariantFailed(Exception):
@@ -125,42 +105,6 @@ RETRY_LATER = frozenset({429, 503})
 
 def _with_retry_after(status: int, headers: dict[str, str], retry_after_s: int) -> dict[str, str]:
     return {**headers, "Retry-After": str(retry_after_s)} if status in RETRY_LATER else headers
-
-
-async def _next_item(stream: Any, variant: str, deadline: float, timeout_s: float) -> Any:
-    """The next item of a variant's stream, before `deadline` (the event loop's clock).
-
-    Past the deadline, when the variant's queue is full or when the call fails (its replica died, say), the
-    stream is cancelled, so the variant's generator ends and its engine frees the slot, and ApiError says why:
-    504, 429 or 503.
-    """
-    try:
-        async with asyncio.timeout_at(deadline):
-            return await anext(stream)
-    except TimeoutError:
-        error = ApiError(504, f"the request did not finish within {timeout_s:g} s (ingress.request_timeout_s); "
-                         "it was stopped", "timeout_error", code="request_timeout")  # fmt: skip
-    except BackPressureError:
-        error = ApiError(429, f"variant {variant} is at capacity; retry later", "rate_limit_error",
-                         code="variant_overloaded")  # fmt: skip
-    except Exception:
-        logger.exception("variant %s failed", variant)
-        error = ApiError(503, f"variant {variant} is unavailable", "service_unavailable",
-                         code="variant_unavailable")  # fmt: skip
-    _cancel(stream)
-    raise error
-
-
-def _cancel(stream: Any) -> None:
-    """Cancel a variant call, so its generator ends and the engine frees the slot.
-
-    Serve's cancel() first fetches the call's assignment, and when that failed (a full queue: BackPressureError;
-    the variant's application gone: DeploymentUnavailableError) it raises that failure again, out of the handler
-    that is answering it (Ray 2.60); such a call holds nothing. Letting that error escape skipped the 429/503
-    answer and the request metric, so a canary failing this way looked healthy to the analysis.
-    """
-    with contextlib.suppress(Exception):
-        stream.cancel()
 
 
 def _sse(payload: dict[str, Any] | str) -> bytes:
@@ -434,9 +378,9 @@ class AmaliaIngress:
         timeout_s = self.args.ingress.request_timeout_s
         deadline = asyncio.get_running_loop().time() + timeout_s - (time.monotonic() - started)
         stream = self._stream_handle(decision.variant).generate.remote(generation)
-        first = await _next_item(stream, decision.variant, deadline, timeout_s)
+        first = await next_item(stream, decision.variant, deadline, timeout_s)
         if isinstance(first, GenerationFailure):
-            raise ApiError(first.status, first.message, first.error_type, first.param, first.code)
+            raise ApiError.from_failure(first)
         self.metrics.record_first_token(decision.variant, time.monotonic() - started)
         headers = {VARIANT_HEADER: decision.variant}
         if body.stream:
@@ -445,13 +389,13 @@ class AmaliaIngress:
             return StreamingResponse(events, media_type="text/event-stream", headers=headers)
         text, last = [first.text], first
         while last.finish_reason is None:  # the final output ends it; no wait for end-of-stream
-            item = await _next_item(stream, decision.variant, deadline, timeout_s)
+            item = await next_item(stream, decision.variant, deadline, timeout_s)
             if isinstance(item, GenerationFailure):
-                _cancel(stream)
-                raise ApiError(item.status, item.message, item.error_type, item.param, item.code)
+                cancel_call(stream)
+                raise ApiError.from_failure(item)
             last = item
             text.append(last.text)
-        _cancel(stream)
+        cancel_call(stream)
         if key_name is not None:
             self.metrics.record_api_key_tokens(key_name, last.prompt_tokens, last.output_tokens)
         used = oai.usage(last.prompt_tokens, last.output_tokens)
@@ -487,7 +431,7 @@ class AmaliaIngress:
                     yield _sse(self._chunk(operation, rid, model, created, last))
                 if last.finish_reason is not None:
                     break
-                item = await _next_item(stream, model, deadline, self.args.ingress.request_timeout_s)
+                item = await next_item(stream, model, deadline, self.args.ingress.request_timeout_s)
                 if isinstance(item, GenerationFailure):
                     raise VariantFailed(item)
                 last = item
@@ -516,7 +460,7 @@ class AmaliaIngress:
             logger.exception("stream from variant %s failed", model)
             yield _sse(oai.error_body("the stream was interrupted", "server_error"))
         finally:
-            _cancel(stream)
+            cancel_call(stream)
             if key_name is not None:  # what was generated, also for a stream cut short
                 self.metrics.record_api_key_tokens(key_name, last.prompt_tokens, last.output_tokens)
             span.set_status_code(200 if status == 499 else status)
