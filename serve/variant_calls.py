@@ -1,5 +1,6 @@
 """Calling a variant over its DeploymentHandle: the next item of its stream before a deadline, cancelling
-the call, and the OpenAI-shaped error each failure maps to (amalia_serve.ingress answers with it).
+the call, and the OpenAI-shaped error each failure maps to. The request path (amalia_serve.ingress) and
+shadow copies (amalia_serve.shadow) share them, so a copy fails exactly the way a request would.
 """
 
 from __future__ import annotations
