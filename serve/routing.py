@@ -61,7 +61,7 @@ class RouteDecision:
 
 
 # Requests that the split routed, as opposed to ones the caller sent to a variant by name.
-ROUTED = frozenset({RouteReason.STICKY, RouteReason.WEIGHTED})
+_ROUTED = frozenset({RouteReason.STICKY, RouteReason.WEIGHTED})
 
 
 def _unit_draw(hasher: hashlib.blake2b) -> float:
@@ -171,7 +171,7 @@ class TrafficSplit:
 
 
 class ShadowPolicy:
-    """Which requests are also copied to a shadow variant; immutable like the split it belongs to."""
+    """Which routed requests are also copied to a shadow variant; built with the split and replaced with it."""
 
     __slots__ = ("_threshold", "percent", "variant")
 
@@ -191,7 +191,7 @@ class ShadowPolicy:
         those the shadow variant answers itself. `sticky_key` is the one the route used: a sticky request's
         draw hashes it, a weighted one draws from `rng`.
         """
-        if decision.reason not in ROUTED or decision.variant == self.variant or self._threshold <= 0:
+        if decision.reason not in _ROUTED or decision.variant == self.variant or self._threshold <= 0:
             return False
         if decision.reason is RouteReason.STICKY and sticky_key:
             hasher = _SHADOW_HASHER.copy()
