@@ -6,10 +6,14 @@ FROM python:3.11-slim-bookworm
 RUN useradd --uid 1000 --gid 100 --no-create-home --shell /usr/sbin/nologin amalia
 WORKDIR /opt/amalia-operator
 COPY operators/ amalia_operator/
-# The operator's own dependencies only; amalia_operator never imports amalia_serve.
+# The one amalia_serve module the operator imports: the pt-PT/pt-BR lexicon it shares with the ingress
+# (pure; the package's __init__ loads nothing eagerly). Nothing else of amalia_serve, and none of its
+# dependencies (tests/unit/test_layering.py).
+COPY serve/__init__.py serve/variety.py amalia_serve/
+# The operator's own dependencies only.
 RUN pip install --no-cache-dir "kopf>=1.44,<2" "kubernetes>=31" "pydantic>=2.10,<3" "pyyaml>=6" \
       "aiohttp>=3.10" \
- && python -c "import amalia_operator.handlers"
+ && python -c "import amalia_operator.handlers, amalia_operator.evaluation.checks"
 
 ENV PYTHONPATH=/opt/amalia-operator PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
 USER 1000:100

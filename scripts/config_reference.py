@@ -22,6 +22,7 @@ from amalia_serve.config import (
     MeshConfig,
     RequestLimits,
     RoutingConfig,
+    ShadowConfig,
     VariantConfig,
 )
 
@@ -38,6 +39,7 @@ MODELS: list[tuple[type[BaseModel], str]] = [
     (MeshConfig, "`ingress.mesh`: the service mesh and the caller identity"),
     (CallerRule, "an entry of `ingress.mesh.allowed_callers`"),
     (RoutingConfig, "`user_config` of the `AmaliaIngress` deployment (live) and `routing` (initial)"),
+    (ShadowConfig, "`shadow` of the routing: copies of live requests to a variant (see docs/routing.md)"),
 ]
 
 

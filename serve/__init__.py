@@ -2,26 +2,33 @@
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any
-
-from amalia_serve.config import AmaliaServingArgs, EngineConfig, RoutingConfig, VariantConfig
 
 __all__ = ["AmaliaServingArgs", "Engine", "EngineConfig", "RoutingConfig", "VariantConfig", "build_app"]
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from amalia_serve.app import build_app
+    from amalia_serve.config import AmaliaServingArgs, EngineConfig, RoutingConfig, VariantConfig
     from amalia_serve.engine import Engine
+
+# Every export loads on first use. Importing the package must stay free: Ray loads only when the app is
+# asked for, and the operator imports the one pure module it shares with the ingress
+# (amalia_serve.variety) without pulling in the config models and what they import
+# (tests/unit/test_layering.py holds both to this).
+_EXPORTS = {
+    "build_app": "amalia_serve.app",
+    "Engine": "amalia_serve.engine",
+    "AmaliaServingArgs": "amalia_serve.config",
+    "EngineConfig": "amalia_serve.config",
+    "RoutingConfig": "amalia_serve.config",
+    "VariantConfig": "amalia_serve.config",
+}
 
 
 def __getattr__(name: str) -> Any:
-    # Ray loads only when the app is asked for; the config models and the engine interface stay light to import.
-    if name == "build_app":
-        from amalia_serve.app import build_app
-
-        return build_app
-    if name == "Engine":
-        from amalia_serve.engine import Engine
-
-        return Engine
-    raise AttributeError(name)
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(name)
+    return getattr(importlib.import_module(module), name)

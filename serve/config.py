@@ -11,7 +11,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictFloat,
+    StrictInt,
+    field_validator,
+    model_validator,
+)
 
 from amalia_serve.autoscaling import ENGINE_LOAD_POLICY, PolicyKnobs
 from amalia_serve.capacity import DEFAULT_GPU_MEMORY_UTILIZATION, EngineSettings, check_variant
@@ -301,12 +309,47 @@ class VariantConfig(AmaliaModel):
         return self
 
 
+# Shadow copies running at once per ingress replica unless `shadow.max_in_flight` says otherwise.
+DEFAULT_SHADOW_IN_FLIGHT = 4
+
+
+class ShadowConfig(AmaliaModel):
+    """Shadow traffic: a share of the requests routed to other variants is copied to this one after the
+    answer was sent; nobody sees the copy's answer (docs/routing.md, "Shadow traffic")."""
+
+    variant: str = Field(
+        ...,
+        pattern=VARIANT_NAME_PATTERN,
+        description="Variant that answers the copies, usually the canary: one that `weights` names (weight 0 "
+        "is fine), or with empty weights one of `variants`.",
+    )
+    # Strict: `true` or "5" in YAML is a mistake, not a percentage.
+    percent: StrictFloat = Field(
+        ...,
+        ge=0,
+        le=100,
+        description="Share of the requests routed by sticky key or weighted draw (not pinned by model name or "
+        "header) that are copied, 0..100; 0 turns shadowing off. A sticky key is either always or never "
+        "copied at a given percent.",
+    )
+    max_in_flight: StrictInt = Field(
+        DEFAULT_SHADOW_IN_FLIGHT,
+        ge=1,
+        description="Copies running at once per ingress replica; a copy past it is dropped and counted "
+        "(`amalia_shadow_dropped_total{reason=\"in_flight_limit\"}`), never queued.",
+    )
+
+
 class RoutingConfig(AmaliaModel):
     """Traffic split of the model alias over the variants: the ingress deployment's user_config."""
 
     weights: dict[str, int] = Field(
         default_factory=dict,
         description="Variant name -> relative weight (>= 0). Empty means all traffic to the first variant.",
+    )
+    shadow: ShadowConfig | None = Field(
+        default=None, description="Copy a share of live requests to a variant after they are answered (see ShadowConfig); "
+        "null is off."
     )
 
     @field_validator("weights")
@@ -506,6 +549,10 @@ class AmaliaServingArgs(AmaliaModel):
         unknown = sorted(set(self.routing.weights) - set(names))
         if names and unknown:
             raise ValueError(f"routing.weights name unknown variants {unknown}; variants are {names}")
+        shadow = self.routing.shadow
+        known = list(self.routing.weights) or names
+        if shadow is not None and shadow.variant not in known:
+            raise ValueError(f"routing.shadow.variant {shadow.variant!r} is not a variant; variants are {known}")
         return self
 
     @property

@@ -7,19 +7,21 @@ breaks the request schema (wrong type, empty messages, max_tokens < 1), 429 a va
 variant replica can take the request, 504 past `ingress.request_timeout_s`. Every error has OpenAI's shape; every
 429 and 503 carries `Retry-After`.
 
+With a `shadow` block in the routing, a share of the requests routed to other variants is copied to the shadow
+variant once answered (amalia_serve.shadow); the caller never waits for the copy nor sees its answer.
+
 No `from __future__ import annotations` here: FastAPI reads the route signatures at runtime, and Serve's
 class-based ingress cannot resolve postponed (string) annotations such as `request: Request`.
 """
 
 
 import asyncio
-import contextlib
 import json
 import logging
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -27,8 +29,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
-from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from amalia_serve import openai_schema as oai
@@ -40,36 +42,19 @@ from amalia_serve.caller_identity import (
     current_caller_label,
     set_current_caller,
 )
-from amalia_serve.config import AmaliaServingArgs, RoutingConfig
+from amalia_serve.config import DEFAULT_SHADOW_IN_FLIGHT, AmaliaServingArgs, RoutingConfig
 from amalia_serve.constants import SESSION_HEADER, VARIANT_HEADER
 from amalia_serve.engine import EngineOutput
 from amalia_serve.logging_setup import install_caller_log_field
-from amalia_serve.metrics import IngressMetrics
+from amalia_serve.metrics import IngressMetrics, ShadowMetrics
 from amalia_serve.protocol import GenerationFailure, GenerationRequest, Operation
 from amalia_serve.request_limits import LimitExceeded, check_request_limits
-from amalia_serve.routing import RouteDecision, TrafficSplit, UnknownVariantError
+from amalia_serve.routing import RouteDecision, ShadowPolicy, TrafficSplit, UnknownVariantError
+from amalia_serve.shadow import ShadowDispatcher
 from amalia_serve.tracing import ServerSpan, configure_tracing, extract_carrier, server_span
+from amalia_serve.variant_calls import ApiError, cancel_call, next_item
 
 logger = logging.getLogger(f"ray.serve.{__name__}")  # lands in the replica logs under Serve
-
-
-class ApiError(Exception):
-    def __init__(
-        self, status: int, message: str, error_type: str = "invalid_request_error",
-        param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None,
-    ) -> None:  # fmt: skip
-        super().__init__(message)
-        self.status, self.message, self.error_type, self.param, self.code = (
-            status, message, error_type, param, code,
-        )  # fmt: skip
-        self.headers = headers or {}
-
-    def response(self, headers: dict[str, str] | None = None) -> JSONResponse:
-        return JSONResponse(
-            oai.error_body(self.message, self.error_type, self.param, self.code),
-            status_code=self.status,
-            headers={**self.headers, **(headers or {})},
-        )
 
 
 class VariantFailed(Exception):
@@ -127,40 +112,11 @@ def _with_retry_after(status: int, headers: dict[str, str], retry_after_s: int) 
     return {**headers, "Retry-After": str(retry_after_s)} if status in RETRY_LATER else headers
 
 
-async def _next_item(stream: Any, variant: str, deadline: float, timeout_s: float) -> Any:
-    """The next item of a variant's stream, before `deadline` (the event loop's clock).
-
-    Past the deadline, when the variant's queue is full or when the call fails (its replica died, say), the
-    stream is cancelled, so the variant's generator ends and its engine frees the slot, and ApiError says why:
-    504, 429 or 503.
-    """
-    try:
-        async with asyncio.timeout_at(deadline):
-            return await anext(stream)
-    except TimeoutError:
-        error = ApiError(504, f"the request did not finish within {timeout_s:g} s (ingress.request_timeout_s); "
-                         "it was stopped", "timeout_error", code="request_timeout")  # fmt: skip
-    except BackPressureError:
-        error = ApiError(429, f"variant {variant} is at capacity; retry later", "rate_limit_error",
-                         code="variant_overloaded")  # fmt: skip
-    except Exception:
-        logger.exception("variant %s failed", variant)
-        error = ApiError(503, f"variant {variant} is unavailable", "service_unavailable",
-                         code="variant_unavailable")  # fmt: skip
-    _cancel(stream)
-    raise error
-
-
-def _cancel(stream: Any) -> None:
-    """Cancel a variant call, so its generator ends and the engine frees the slot.
-
-    Serve's cancel() first fetches the call's assignment, and when that failed (a full queue: BackPressureError;
-    the variant's application gone: DeploymentUnavailableError) it raises that failure again, out of the handler
-    that is answering it (Ray 2.60); such a call holds nothing. Letting that error escape skipped the 429/503
-    answer and the request metric, so a canary failing this way looked healthy to the analysis.
-    """
-    with contextlib.suppress(Exception):
-        stream.cancel()
+def _routing(config: RoutingConfig, names: list[str]) -> tuple[TrafficSplit, ShadowPolicy | None]:
+    """The split and shadow policy a routing config asks for over `names`; ValueError when it cannot be."""
+    split = TrafficSplit(names, config.weights)
+    shadow = config.shadow
+    return split, ShadowPolicy(split, shadow.variant, shadow.percent) if shadow is not None else None
 
 
 def _sse(payload: dict[str, Any] | str) -> bytes:
@@ -180,10 +136,17 @@ class AmaliaIngress:
         self.streams: dict[str, DeploymentHandle] = {}
         names = list(args.routing.weights) or list(variants)
         # In the production layout the weights, and so the variants, arrive with the first reconfigure.
-        self.split: TrafficSplit | None = TrafficSplit(names, args.routing.weights) if names else None
+        self.split: TrafficSplit | None = None
+        self.shadow: ShadowPolicy | None = None
+        if names:
+            self.split, self.shadow = _routing(args.routing, names)
         self.routing_error: str | None = None
         self.rng = random.Random()
         self.metrics = IngressMetrics()
+        self.shadows = ShadowDispatcher(
+            self._open_call, ShadowMetrics(), args.ingress.request_timeout_s,
+            args.routing.shadow.max_in_flight if args.routing.shadow else DEFAULT_SHADOW_IN_FLIGHT,
+        )  # fmt: skip
         # None when no key source is configured: every route is open.
         self.api_keys = ApiKeyStore.from_config(args.ingress.auth, logger)
         self.callers = CallerGate(args.ingress.mesh)
@@ -191,33 +154,44 @@ class AmaliaIngress:
             install_caller_log_field()
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """New traffic weights, applied without a restart.
+        """New traffic weights and shadow setting, applied together without a restart.
 
-        Invalid weights are refused here and the old split stays. This must not raise: Serve answers a
-        raising reconfigure by restarting the replica, which fails again, and the deployment goes to
-        DEPLOY_FAILED with no replica left to serve (seen with Ray 2.60), an outage over a typo.
+        An invalid user_config is refused here, as a whole, and the old routing stays. This must not raise:
+        Serve answers a raising reconfigure by restarting the replica, which fails again, and the deployment
+        goes to DEPLOY_FAILED with no replica left to serve (seen with Ray 2.60), an outage over a typo.
         """
         try:
             routing = RoutingConfig.model_validate(user_config)
-            names = list(routing.weights) or list(self.bound)
-            split = TrafficSplit(names, routing.weights)
-            self._check_variants_exist(split)
+            split, shadow = _routing(routing, list(routing.weights) or list(self.bound))
+            self._check_variants_exist(split, shadow)
         except ValueError as exc:  # pydantic's ValidationError is a ValueError
-            reason = "; ".join(e["msg"] for e in exc.errors()) if isinstance(exc, ValidationError) else str(exc)
-            self.routing_error = f"refused weights {user_config.get('weights')!r}: {reason}"
-            logger.error("%s; keeping %s", self.routing_error, self.weights)
+            reason = (
+                "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+                if isinstance(exc, ValidationError) else str(exc)
+            )  # fmt: skip
+            self.routing_error = f"refused {user_config!r}: {reason}"
+            logger.error("%s; keeping weights %s and shadow %s", self.routing_error, self.weights, self.shadow)
             return
-        self.split, self.routing_error = split, None
-        logger.info("traffic weights now %s", split.weights)
+        self.split, self.shadow, self.routing_error = split, shadow, None
+        if routing.shadow is not None:
+            self.shadows.max_in_flight = routing.shadow.max_in_flight
+        logger.info("traffic weights now %s, shadow %s", split.weights, shadow)
 
-    def _check_variants_exist(self, split: TrafficSplit) -> None:
-        """A variant that is to take unpinned traffic must be deployed, here or as its own application."""
-        wanted = {name for name, weight in split.weights.items() if weight > 0} - set(self.bound)
+    def _check_variants_exist(self, split: TrafficSplit, shadow: ShadowPolicy | None) -> None:
+        """A variant that is to take unpinned traffic or shadow copies must be deployed, here or as its own
+        application."""
+        wanted = {name for name, weight in split.weights.items() if weight > 0}
+        if shadow is not None and shadow.percent > 0:
+            wanted.add(shadow.variant)
+        wanted -= set(self.bound)
         if not wanted:
             return
         missing = sorted(wanted - set(serve.status().applications))
         if missing:
             raise ValueError(f"no deployed variant named {missing}")
+
+    def _open_call(self, variant: str, generation: GenerationRequest) -> Any:
+        return self._stream_handle(variant).generate.remote(generation)
 
     def _stream_handle(self, variant: str) -> DeploymentHandle:
         handle = self.streams.get(variant)
@@ -245,9 +219,22 @@ class AmaliaIngress:
         self.metrics.record_api_key_request(name)
         return name
 
+    async def __del__(self) -> None:
+        """Serve's replica shutdown: the shadow copies still running are cancelled, and so are their calls."""
+        shadows = getattr(self, "shadows", None)
+        if shadows is not None:
+            await shadows.close()
+
     @property
     def weights(self) -> dict[str, int]:
         return self.split.weights if self.split is not None else {}
+
+    @property
+    def shadow_setting(self) -> dict[str, Any] | None:
+        if self.shadow is None:
+            return None
+        return {"variant": self.shadow.variant, "percent": self.shadow.percent,
+                "max_in_flight": self.shadows.max_in_flight}  # fmt: skip
 
     @property
     def variant_names(self) -> list[str]:
@@ -296,9 +283,10 @@ class AmaliaIngress:
 
     @api.get("/routing")
     async def routing(self, request: Request) -> dict[str, Any]:
-        """The live split and, when the last weights were refused, why."""
+        """The live split and shadow setting and, when the last user_config was refused, why."""
         self._authenticate(request)
-        return {"model": self.args.model_alias, "weights": self.weights, "error": self.routing_error}
+        return {"model": self.args.model_alias, "weights": self.weights, "shadow": self.shadow_setting,
+                "error": self.routing_error}  # fmt: skip
 
     @api.get("/v1/models")
     async def models(self, request: Request) -> dict[str, Any]:
@@ -325,9 +313,13 @@ class AmaliaIngress:
                 caller = self._admit(request)
                 body = await self._parse(request, operation)
                 self._check_limits(body)
-                decision = self._route(body, request, caller)
+                sticky_key = body.user or request.headers.get(SESSION_HEADER) or self.callers.sticky_key(caller)
+                decision = self._route(body, request, sticky_key)
                 span.set_route(decision.variant, decision.reason.value)
-                response = await self._generate(body, decision, operation, started, span, key_name)
+                # Decided with the route, from the same live setting; the copy is sent after the answer.
+                shadow = self.shadow
+                shadow_to = shadow.variant if shadow and shadow.shadows(decision, sticky_key, self.rng) else None
+                response = await self._generate(body, decision, operation, started, span, key_name, shadow_to)
             except ApiError as exc:
                 headers = {VARIANT_HEADER: decision.variant} if decision else {}
                 response = exc.response(_with_retry_after(exc.status, headers, self.args.ingress.retry_after_s))
@@ -391,7 +383,7 @@ class AmaliaIngress:
         self,
         body: oai.ChatCompletionRequest | oai.CompletionRequest,
         request: Request,
-        caller: CallerIdentity | None,
+        sticky_key: str | None,
     ) -> RouteDecision:
         if self.split is None:
             raise ApiError(503, "no traffic weights configured yet", "service_unavailable",
@@ -404,9 +396,7 @@ class AmaliaIngress:
             return self.split.choose(
                 model=body.model,
                 header_variant=request.headers.get(VARIANT_HEADER),
-                sticky_key=(
-                    body.user or request.headers.get(SESSION_HEADER) or self.callers.sticky_key(caller)
-                ),
+                sticky_key=sticky_key,
                 rng=self.rng,
             )
         except UnknownVariantError as exc:
@@ -420,6 +410,7 @@ class AmaliaIngress:
         started: float,
         span: ServerSpan,
         key_name: str | None,
+        shadow_to: str | None,
     ) -> Response:
         rid = ("chatcmpl-" if operation == "chat" else "cmpl-") + uuid.uuid4().hex
         generation = GenerationRequest(
@@ -434,34 +425,47 @@ class AmaliaIngress:
         timeout_s = self.args.ingress.request_timeout_s
         deadline = asyncio.get_running_loop().time() + timeout_s - (time.monotonic() - started)
         stream = self._stream_handle(decision.variant).generate.remote(generation)
-        first = await _next_item(stream, decision.variant, deadline, timeout_s)
+        first = await next_item(stream, decision.variant, deadline, timeout_s)
         if isinstance(first, GenerationFailure):
-            raise ApiError(first.status, first.message, first.error_type, first.param, first.code)
+            raise ApiError.from_failure(first)
         self.metrics.record_first_token(decision.variant, time.monotonic() - started)
         headers = {VARIANT_HEADER: decision.variant}
+        after_answer = self._shadow_sender(shadow_to, generation, decision.variant) if shadow_to else None
         if body.stream:
             events = self._stream_events(body, decision, operation, rid, first, stream, started, span, key_name,
-                                         deadline)  # fmt: skip
+                                         deadline, after_answer)  # fmt: skip
             return StreamingResponse(events, media_type="text/event-stream", headers=headers)
         text, last = [first.text], first
         while last.finish_reason is None:  # the final output ends it; no wait for end-of-stream
-            item = await _next_item(stream, decision.variant, deadline, timeout_s)
+            item = await next_item(stream, decision.variant, deadline, timeout_s)
             if isinstance(item, GenerationFailure):
-                _cancel(stream)
-                raise ApiError(item.status, item.message, item.error_type, item.param, item.code)
+                cancel_call(stream)
+                raise ApiError.from_failure(item)
             last = item
             text.append(last.text)
-        _cancel(stream)
+        cancel_call(stream)
         if key_name is not None:
             self.metrics.record_api_key_tokens(key_name, last.prompt_tokens, last.output_tokens)
         used = oai.usage(last.prompt_tokens, last.output_tokens)
+        answer = "".join(text)
         if operation == "chat":
-            payload = oai.chat_completion(rid, decision.variant, "".join(text), last.finish_reason, used)
+            payload = oai.chat_completion(rid, decision.variant, answer, last.finish_reason, used)
         else:
-            payload = oai.text_completion(
-                rid, decision.variant, "".join(text), last.finish_reason, used, int(time.time())
-            )
-        return JSONResponse(payload, headers=headers)
+            payload = oai.text_completion(rid, decision.variant, answer, last.finish_reason, used, int(time.time()))
+        # Starlette runs a background task after the response's last byte was sent.
+        background = BackgroundTask(after_answer, answer) if after_answer else None
+        return JSONResponse(payload, headers=headers, background=background)
+
+    def _shadow_sender(
+        self, shadow_to: str, generation: GenerationRequest, answered_by: str
+    ) -> Callable[[str], Awaitable[None]]:
+        """What sends the shadow copy of `generation`, given the answer the caller got. Async, so that
+        Starlette runs it on the event loop (a plain function would go to a thread pool)."""
+
+        async def send(answer: str) -> None:
+            self.shadows.submit(shadow_to, generation, answered_by, answer)
+
+        return send
 
     async def _stream_events(
         self,
@@ -475,19 +479,23 @@ class AmaliaIngress:
         span: ServerSpan,
         key_name: str | None,
         deadline: float,
+        after_answer: Callable[[str], Awaitable[None]] | None,
     ) -> AsyncIterator[bytes]:
         model, created = decision.variant, int(time.time())
         status = 200
         last = first
+        answer: list[str] = []  # kept only for a shadowed request, whose copy compares answers
         try:
             if operation == "chat":
                 yield _sse(oai.chat_chunk(rid, model, created, {"role": "assistant", "content": ""}, None))
             while True:
                 if last.text or last.finish_reason:
+                    if after_answer is not None:
+                        answer.append(last.text)
                     yield _sse(self._chunk(operation, rid, model, created, last))
                 if last.finish_reason is not None:
                     break
-                item = await _next_item(stream, model, deadline, self.args.ingress.request_timeout_s)
+                item = await next_item(stream, model, deadline, self.args.ingress.request_timeout_s)
                 if isinstance(item, GenerationFailure):
                     raise VariantFailed(item)
                 last = item
@@ -496,6 +504,8 @@ class AmaliaIngress:
                 used = oai.usage(last.prompt_tokens, last.output_tokens)
                 yield _sse(oai.usage_chunk(rid, model, created, obj, used))
             yield _sse("[DONE]")
+            if after_answer is not None:  # the caller has the whole stream: now the shadow copy
+                await after_answer("".join(answer))
         except asyncio.CancelledError as exc:
             status = 499  # client closed the connection (nginx's convention)
             span.record_error(exc)
@@ -516,7 +526,7 @@ class AmaliaIngress:
             logger.exception("stream from variant %s failed", model)
             yield _sse(oai.error_body("the stream was interrupted", "server_error"))
         finally:
-            _cancel(stream)
+            cancel_call(stream)
             if key_name is not None:  # what was generated, also for a stream cut short
                 self.metrics.record_api_key_tokens(key_name, last.prompt_tokens, last.output_tokens)
             span.set_status_code(200 if status == 499 else status)

@@ -247,9 +247,15 @@ def wait_until_running(app_names: list[str], timeout_s: float = 300.0) -> None:
 
 def set_weights(app_name: str, weights: dict[str, int]) -> dict[str, Any]:
     """Change the live traffic weights of a running app: a lightweight user_config update, no restart."""
+    return set_routing(app_name, weights=weights)
+
+
+def set_routing(app_name: str, **changes: Any) -> dict[str, Any]:
+    """Change keys of the live routing of a running app (`weights`, `shadow`), keeping the others: a
+    lightweight user_config update, no restart."""
     from ray.serve.context import _get_global_client
 
-    RoutingConfig.model_validate({"weights": weights})  # refuse a bad split here, before Serve sees it
+    RoutingConfig.model_validate(changes)  # refuse a bad split or shadow block here, before Serve sees it
 
     client = _get_global_client()
     details = client.get_serve_details()
@@ -257,19 +263,21 @@ def set_weights(app_name: str, weights: dict[str, int]) -> dict[str, Any]:
     apps = {name: app["deployed_app_config"] for name, app in details["applications"].items()}
     if app_name not in apps:
         raise KeyError(f"no Serve application {app_name!r}; running: {sorted(apps)}")
-    apps[app_name] = with_ingress_weights(apps[app_name], weights)
+    apps[app_name] = with_ingress_routing(apps[app_name], **changes)
     deploy_config({"applications": list(apps.values()), **_cluster_options(details)})
     return apps[app_name]
 
 
-def with_ingress_weights(app_config: dict[str, Any], weights: dict[str, int]) -> dict[str, Any]:
+def with_ingress_routing(app_config: dict[str, Any], **changes: Any) -> dict[str, Any]:
+    """A copy of `app_config` whose ingress user_config has `changes` (weights, shadow) and keeps its other keys:
+    new weights do not turn shadow traffic off."""
     app = copy.deepcopy(app_config)
     deployments = app.setdefault("deployments", [])
     ingress = next((d for d in deployments if d.get("name") == INGRESS_DEPLOYMENT_NAME), None)
     if ingress is None:
         ingress = {"name": INGRESS_DEPLOYMENT_NAME}
         deployments.append(ingress)
-    ingress["user_config"] = {"weights": dict(weights)}
+    ingress["user_config"] = {**(ingress.get("user_config") or {}), **copy.deepcopy(changes)}
     return app
 
 

@@ -41,6 +41,13 @@ PREEMPTIONS = "amalia_preemptions"
 # Per API key (label api_key = the key's name, never the key; see amalia_serve.api_keys).
 API_KEY_REQUESTS = "amalia_api_key_requests"
 API_KEY_TOKENS = "amalia_api_key_tokens"
+# Shadow traffic (amalia_serve.shadow): copies of answered requests sent to a shadow variant, recorded
+# by the ingress, labelled with the variant that answered the copy.
+SHADOW_REQUESTS = "amalia_shadow_requests"
+SHADOW_DROPPED = "amalia_shadow_dropped"
+SHADOW_LATENCY = "amalia_shadow_latency_seconds"
+SHADOW_OUTPUT_TOKENS = "amalia_shadow_output_tokens"
+SHADOW_VARIETY_MARKERS = "amalia_shadow_variety_markers"
 
 # Bucket bounds in seconds. TTFT spans a warm short prompt (~10 ms) to a long prefill behind a
 # queue; 2.0 is a bound because the default rollout analysis gates on p95 TTFT <= 2 s, and
@@ -69,6 +76,7 @@ HISTOGRAM_BOUNDARIES: dict[str, tuple[float, ...]] = {
     ENGINE_TIME_TO_FIRST_TOKEN: TTFT_BUCKETS_S,
     INTER_TOKEN_LATENCY: INTER_TOKEN_BUCKETS_S,
     QUEUE_WAIT: QUEUE_WAIT_BUCKETS_S,
+    SHADOW_LATENCY: REQUEST_LATENCY_BUCKETS_S,
 }
 
 VARIANT_TAG = "variant"
@@ -78,6 +86,11 @@ API_KEY_TAG = "api_key"
 TOKEN_KIND_TAG = "kind"
 # The calling workload's mesh identity, `namespace/serviceaccount` (amalia_serve.caller_identity).
 CALLER_TAG = "caller"
+# Why a shadow copy was not sent or not answered: DROP_REASONS.
+REASON_TAG = "reason"
+# `pt-PT` or `pt-BR`: which variety's markers (amalia_serve.variety) an answer held.
+VARIETY_TAG = "variety"
+DROP_REASONS = ("in_flight_limit", "overloaded", "unavailable")
 
 
 def _exported(name: str, *suffixes: str) -> frozenset[str]:
@@ -92,6 +105,10 @@ EXPORTED_METRIC_NAMES: frozenset[str] = frozenset().union(
     _exported(OUTPUT_TOKENS, "_total"),
     _exported(API_KEY_REQUESTS, "_total"),
     _exported(API_KEY_TOKENS, "_total"),
+    _exported(SHADOW_REQUESTS, "_total"),
+    _exported(SHADOW_DROPPED, "_total"),
+    _exported(SHADOW_OUTPUT_TOKENS, "_total"),
+    _exported(SHADOW_VARIETY_MARKERS, "_total"),
     _exported(PREFIX_CACHE_QUERIES, "_total"),
     _exported(PREFIX_CACHE_HITS, "_total"),
     _exported(PREEMPTIONS, "_total"),
@@ -210,6 +227,62 @@ class IngressMetrics:
         tags = self._variant_tags.get(variant)
         if tags is None:
             tags = self._variant_tags[variant] = {VARIANT_TAG: variant}
+        return tags
+
+
+class ShadowMetrics:
+    """What the ingress sees of its shadow copies; one per ingress replica (amalia_serve.shadow records)."""
+
+    def __init__(self) -> None:
+        self._requests = Counter(
+            SHADOW_REQUESTS,
+            description="Shadow copies answered, by the variant that answered them and status class.",
+            tag_keys=(VARIANT_TAG, STATUS_CLASS_TAG),  # type: ignore[arg-type]
+        )
+        self._dropped = Counter(
+            SHADOW_DROPPED,
+            description="Shadow copies not sent or not taken, by variant and reason: in_flight_limit (the "
+            "ingress replica already runs max_in_flight copies), overloaded (the variant's queue was full), "
+            "unavailable (the call failed before the variant produced anything).",
+            tag_keys=(VARIANT_TAG, REASON_TAG),  # type: ignore[arg-type]
+        )
+        self._latency = Histogram(
+            SHADOW_LATENCY,
+            description="Seconds from sending a shadow copy to its last token (or its error).",
+            boundaries=list(HISTOGRAM_BOUNDARIES[SHADOW_LATENCY]),
+            tag_keys=(VARIANT_TAG,),
+        )
+        self._output_tokens = Counter(
+            SHADOW_OUTPUT_TOKENS, description="Tokens generated for shadow copies.", tag_keys=(VARIANT_TAG,)
+        )
+        self._variety = Counter(
+            SHADOW_VARIETY_MARKERS,
+            description="pt-PT and pt-BR markers found in the answers of shadowed requests, by the variant "
+            "that gave the answer: the shadow variant's copies and the answering variant's originals.",
+            tag_keys=(VARIANT_TAG, VARIETY_TAG),  # type: ignore[arg-type]
+        )
+        # A few variants x a few classes, reasons or varieties: one tag dict each, built once.
+        self._tags: dict[tuple[str, str, str], dict[str, str]] = {}
+
+    def record_copy(self, variant: str, status_code: int, latency_s: float, output_tokens: int) -> None:
+        """One copy the variant answered (any status)."""
+        self._requests.inc(1, self._tags_of(variant, STATUS_CLASS_TAG, status_class(status_code)))
+        self._latency.observe(latency_s, self._tags_of(variant))
+        if output_tokens > 0:  # Ray counters refuse increments <= 0
+            self._output_tokens.inc(output_tokens, self._tags_of(variant))
+
+    def record_dropped(self, variant: str, reason: str) -> None:
+        self._dropped.inc(1, self._tags_of(variant, REASON_TAG, reason))
+
+    def record_variety(self, variant: str, pt_pt: int, pt_br: int) -> None:
+        for variety, markers in (("pt-PT", pt_pt), ("pt-BR", pt_br)):
+            if markers > 0:
+                self._variety.inc(markers, self._tags_of(variant, VARIETY_TAG, variety))
+
+    def _tags_of(self, variant: str, key: str = "", value: str = "") -> dict[str, str]:
+        tags = self._tags.get((variant, key, value))
+        if tags is None:
+            tags = self._tags[(variant, key, value)] = {VARIANT_TAG: variant, **({key: value} if key else {})}
         return tags
 
 

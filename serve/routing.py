@@ -16,6 +16,12 @@ move to a variant whose weight grew relative to the weight of the variant it was
 only when it must if one variant's share changes and the others keep their mutual ratios (every
 two-variant change, adding a canary, removing a variant). docs/routing.md says what holds in
 general.
+
+Shadow traffic (`ShadowPolicy`) is decided here too, after the route and without changing it: a
+request routed by sticky key or weighted draw to another variant is copied to the shadow variant
+with probability ``percent / 100``. The draw is a hash of the sticky key when there is one (salted
+apart from the routing hash, so whether a key is copied says nothing about where it is routed), so
+a conversation is either always or never copied, and raising the percent only adds keys.
 """
 
 from __future__ import annotations
@@ -34,6 +40,9 @@ _HASH_BYTES = 8
 # A double holds 53 bits exactly; more bits would round u up to 1.0 near the top of the range.
 _HASH_SHIFT = 8 * _HASH_BYTES - 53
 _HASH_SPAN = float(1 << 53)
+# Prefix of the shadow draw's hash input. A routing hash starts with a variant's name, and no variant name
+# has a "/" (config.VARIANT_NAME_PATTERN), so the two never hash the same bytes.
+_SHADOW_HASHER = hashlib.blake2b(b"shadow/\0", digest_size=_HASH_BYTES)
 
 
 class RouteReason(str, Enum):
@@ -49,6 +58,15 @@ class RouteReason(str, Enum):
 class RouteDecision:
     variant: str
     reason: RouteReason
+
+
+# Requests that the split routed, as opposed to ones the caller sent to a variant by name.
+_ROUTED = frozenset({RouteReason.STICKY, RouteReason.WEIGHTED})
+
+
+def _unit_draw(hasher: hashlib.blake2b) -> float:
+    """The digest's top 53 bits as u in (0, 1); +0.5 keeps u off both ends (a finite logarithm)."""
+    return ((int.from_bytes(hasher.digest(), "big") >> _HASH_SHIFT) + 0.5) / _HASH_SPAN
 
 
 class UnknownVariantError(ValueError):
@@ -143,12 +161,45 @@ class TrafficSplit:
         for name, weight, base in self._key_hashers:
             hasher = base.copy()
             hasher.update(data)
-            # +0.5 keeps u strictly inside (0, 1), so the logarithm is finite and negative.
-            u = ((int.from_bytes(hasher.digest(), "big") >> _HASH_SHIFT) + 0.5) / _HASH_SPAN
-            score = -math.log(u) / weight
+            score = -math.log(_unit_draw(hasher)) / weight
             if score < best_score:
                 best_name, best_score = name, score
         return best_name
 
     def __repr__(self) -> str:
         return f"TrafficSplit({self._weights})"
+
+
+class ShadowPolicy:
+    """Which routed requests are also copied to a shadow variant; built with the split and replaced with it."""
+
+    __slots__ = ("_threshold", "percent", "variant")
+
+    def __init__(self, split: TrafficSplit, variant: str, percent: float) -> None:
+        if variant not in split.weights:
+            raise ValueError(f"shadow variant {variant!r} is not a variant; variants are {list(split.weights)}")
+        if not 0 <= percent <= 100:
+            raise ValueError(f"shadow percent must lie in [0, 100], got {percent}")
+        self.variant = variant
+        self.percent = percent
+        self._threshold = percent / 100
+
+    def shadows(self, decision: RouteDecision, sticky_key: str | None, rng: random.Random) -> bool:
+        """Whether this request, routed by `decision`, is copied to the shadow variant after it is answered.
+
+        Only routed requests are (a request pinned by model name or header asked for its variant), and never
+        those the shadow variant answers itself. `sticky_key` is the one the route used: a sticky request's
+        draw hashes it, a weighted one draws from `rng`.
+        """
+        if decision.reason not in _ROUTED or decision.variant == self.variant or self._threshold <= 0:
+            return False
+        if decision.reason is RouteReason.STICKY and sticky_key:
+            hasher = _SHADOW_HASHER.copy()
+            hasher.update(sticky_key.encode())
+            draw = _unit_draw(hasher)
+        else:
+            draw = rng.random()
+        return draw < self._threshold
+
+    def __repr__(self) -> str:
+        return f"ShadowPolicy({self.variant!r}, {self.percent}%)"

@@ -331,6 +331,55 @@ def server_span(
             handle.end()
 
 
+class ShadowSpan:
+    """The ingress's CLIENT span of one shadow copy (amalia_serve.shadow), marked ``amalia.shadow``.
+
+    Its parent is the answered request's server span, given as that request's carrier: the copy runs
+    after the server span ended, as a late child of the same trace. :attr:`carrier` goes with the copy
+    so the shadow variant's generation span joins the trace under this span. The first of
+    :meth:`answered`, :meth:`dropped` or :meth:`cancelled` ends it.
+    """
+
+    def __init__(self, parent: Mapping[str, str], variant: str, tracing: Tracing | None = None) -> None:
+        tracing = tracing or _active
+        self.carrier: dict[str, str] = {}
+        self._ended = not tracing.enabled
+        if self._ended:
+            self._span: trace.Span = trace.INVALID_SPAN
+            return
+        self._span = tracing.tracer.start_span(
+            f"shadow {variant}",
+            context=propagate.extract(parent),
+            kind=SpanKind.CLIENT,
+            attributes={"amalia.shadow": True, "amalia.route.variant": variant},
+        )
+        propagate.inject(self.carrier, context=trace.set_span_in_context(self._span))
+
+    def answered(self, status_code: int) -> None:
+        if self._ended:
+            return
+        self._span.set_attribute("http.response.status_code", status_code)
+        if status_code >= 500:
+            self._span.set_status(Status(StatusCode.ERROR))
+            self._span.set_attribute("error.type", str(status_code))
+        self._end()
+
+    def dropped(self, reason: str) -> None:
+        """Not answered, for `reason` (amalia_serve.metrics.DROP_REASONS): no error of this service."""
+        if not self._ended:
+            self._span.set_attribute("amalia.shadow.dropped", reason)
+            self._end()
+
+    def cancelled(self) -> None:
+        if not self._ended:
+            self._span.set_attribute("amalia.cancelled", True)
+            self._end()
+
+    def _end(self) -> None:
+        self._ended = True
+        self._span.end()
+
+
 Prompt = str | Sequence[Mapping[str, Any]]
 
 

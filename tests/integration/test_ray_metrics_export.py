@@ -1,8 +1,8 @@
 """The per-variant metrics reach Ray's Prometheus endpoint under the names serve/metrics.py exports.
 
 A real local Ray (metrics agent on a free port) runs a tiny Serve app shaped like amalia-serve: an
-ingress deployment and one deployment per variant, each recording through IngressMetrics and
-VariantMetrics. The test scrapes ``/metrics`` until every series carries exactly what was recorded.
+ingress deployment and one deployment per variant, each recording through IngressMetrics (and the
+ingress's ShadowMetrics) and VariantMetrics. The test scrapes ``/metrics`` until every series carries exactly what was recorded.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from starlette.requests import Request
 
 from amalia_serve import metrics as m
 from amalia_serve.constants import INGRESS_DEPLOYMENT_NAME
+from amalia_serve.variety import count_markers
 
 pytestmark = pytest.mark.integration
 
@@ -51,6 +52,11 @@ INGRESS_PLAN: dict[str, list[Any]] = {
         ["team-b/batch", DPO, 429],
         ["unidentified", "", 403],
     ],
+    # Shadow copies: [variant, status, latency, output tokens]; a failed one generated nothing.
+    "shadow_copies": [[DPO, 200, 0.9, 12], [DPO, 503, 3.5, 0], [DPO, 200, 0.4, 7]],
+    "shadow_dropped": [[DPO, "in_flight_limit"], [DPO, "in_flight_limit"], [DPO, "overloaded"], [DPO, "unavailable"]],
+    # Both answers of a copied request, scored with the lexicon as the ingress does.
+    "shadow_answers": [[DPO, "Apanhe o comboio e depois o autocarro."], [SFT, "Pegue o trem, de fato é rápido."]],
 }
 VARIANT_PLANS: dict[str, dict[str, list[Any]]] = {
     SFT: {
@@ -89,6 +95,7 @@ class VariantRecorder:
 class IngressRecorder:
     def __init__(self, sft: DeploymentHandle[Any], dpo: DeploymentHandle[Any]) -> None:
         self._metrics = m.IngressMetrics()
+        self._shadow = m.ShadowMetrics()
         self._variants = {SFT: sft, DPO: dpo}
 
     async def __call__(self, request: Request) -> str:
@@ -103,6 +110,13 @@ class IngressRecorder:
             self._metrics.record_api_key_tokens(key_name, prompt, output)
         for caller, variant, status in body["ingress"]["callers"]:
             self._metrics.record_caller(caller, variant, status)
+        for variant, status, latency, tokens in body["ingress"]["shadow_copies"]:
+            self._shadow.record_copy(variant, status, latency, tokens)
+        for variant, reason in body["ingress"]["shadow_dropped"]:
+            self._shadow.record_dropped(variant, reason)
+        for variant, answer in body["ingress"]["shadow_answers"]:
+            counts = count_markers(answer)
+            self._shadow.record_variety(variant, counts.pt_pt, counts.pt_br)
         for variant, handle in self._variants.items():
             await handle.record.remote(body["variants"][variant])
         return "recorded"
@@ -148,7 +162,9 @@ def metrics_url() -> Iterator[str]:
             ray.shutdown()
 
 
-_KEPT_LABELS = ("variant", "status_class", "route_reason", "le", "deployment", "caller", "api_key", "kind")
+_KEPT_LABELS = (
+    "variant", "status_class", "route_reason", "le", "deployment", "caller", "api_key", "kind", "reason", "variety",
+)  # fmt: skip
 Series = tuple[str, tuple[tuple[str, str], ...]]
 
 
@@ -217,6 +233,23 @@ def _expected() -> dict[Series, float]:
         labels = {"deployment": ingress, "caller": caller, "status_class": f"{status // 100}xx"}
         key = _series(m.EXPORT_PREFIX + m.CALLER_REQUESTS + "_total", variant=variant, **labels)
         out[key] += 1
+    for variant, status, _, tokens in INGRESS_PLAN["shadow_copies"]:
+        labels = {"deployment": ingress, "variant": variant}
+        out[_series(m.EXPORT_PREFIX + m.SHADOW_REQUESTS + "_total", status_class=f"{status // 100}xx", **labels)] += 1
+        if tokens:
+            out[_series(m.EXPORT_PREFIX + m.SHADOW_OUTPUT_TOKENS + "_total", **labels)] += tokens
+    for variant, reason in INGRESS_PLAN["shadow_dropped"]:
+        out[_series(m.EXPORT_PREFIX + m.SHADOW_DROPPED + "_total", deployment=ingress, variant=variant,
+                    reason=reason)] += 1  # fmt: skip
+    for variant, answer in INGRESS_PLAN["shadow_answers"]:
+        counts = count_markers(answer)
+        for variety, markers in (("pt-PT", counts.pt_pt), ("pt-BR", counts.pt_br)):
+            if markers:
+                key = _series(m.EXPORT_PREFIX + m.SHADOW_VARIETY_MARKERS + "_total", deployment=ingress,
+                              variant=variant, variety=variety)  # fmt: skip
+                out[key] += markers
+    copies = INGRESS_PLAN["shadow_copies"]
+    _expect_histogram(out, m.SHADOW_LATENCY, ingress, DPO, [c[2] for c in copies if c[0] == DPO])
     for variant in (SFT, DPO):
         requests = [r for r in INGRESS_PLAN["requests"] if r[0] == variant]
         ttfts = [t for v, t in INGRESS_PLAN["first_token"] if v == variant]

@@ -1,4 +1,11 @@
-"""Import boundaries: amalia_serve and amalia_operator never import each other; the ingress loads no torch.
+"""Import boundaries: amalia_serve and amalia_operator never import each other, with one exception; the
+ingress loads no torch.
+
+The exception: amalia_operator imports amalia_serve.variety, the pt-PT/pt-BR marker lexicon that the
+evaluation step and the ingress's shadow traffic both score answers with (one copy of the lexicon, not
+two that drift apart). It is pure (re, unicodedata), and amalia_serve/__init__ loads nothing eagerly,
+so the operator then holds exactly `amalia_serve` and `amalia_serve.variety`: no config models, no
+Ray, no torch, no vLLM. Every other amalia_serve module stays out of the operator.
 
 Two checks, because each misses what the other sees. The source scan reads every import statement of a
 package, those inside functions too (`amalia-serve` once reached the operator from a function body, which
@@ -16,39 +23,54 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE_DIRS = {"amalia_serve": ROOT / "serve", "amalia_operator": ROOT / "operators"}
+# The only amalia_serve module the operator may import (see the module docstring).
+SHARED = "amalia_serve.variety"
+
+
+def modules_after(module: str) -> set[str]:
+    """Every module a fresh interpreter holds after importing `module` (comma-separated names work)."""
+    code = f"import sys, {module}; print('\\n'.join(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return set(out.stdout.split())
 
 
 def imported_after(module: str) -> set[str]:
-    code = f"import sys, {module}; print('\\n'.join(sorted(sys.modules)))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return {name.split(".")[0] for name in out.stdout.split()}
+    return {name.split(".")[0] for name in modules_after(module)}
 
 
-def imports_in_source(package_dir: Path) -> dict[str, set[str]]:
-    """Top-level package of every absolute import in each file, wherever the statement sits."""
+def imports_in_source(package_dir: Path, depth: int = 1) -> dict[str, set[str]]:
+    """The first `depth` parts of every absolute import in each file, wherever the statement sits."""
     found: dict[str, set[str]] = {}
     for path in sorted(package_dir.rglob("*.py")):
         names: set[str] = set()
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
             if isinstance(node, ast.Import):
-                names |= {alias.name.split(".")[0] for alias in node.names}
+                names |= {".".join(alias.name.split(".")[:depth]) for alias in node.names}
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                names.add(node.module.split(".")[0])
+                names.add(".".join(node.module.split(".")[:depth]))
         found[str(path.relative_to(package_dir.parent))] = names
     return found
 
 
-@pytest.mark.parametrize(
-    ("package", "forbidden"),
-    [("amalia_serve", "amalia_operator"), ("amalia_operator", "amalia_serve")],
-)
-def test_package_never_imports_the_other_when_every_import_statement_is_read(
-    package: str, forbidden: str
-) -> None:
-    sources = imports_in_source(PACKAGE_DIRS[package])
+def test_serve_never_imports_the_operator_when_every_import_statement_is_read() -> None:
+    sources = imports_in_source(PACKAGE_DIRS["amalia_serve"])
     assert len(sources) > 10  # the scan found the package's files
-    offenders = sorted(path for path, names in sources.items() if forbidden in names)
-    assert not offenders, f"{package} files importing {forbidden}: {offenders}"
+    offenders = sorted(path for path, names in sources.items() if "amalia_operator" in names)
+    assert not offenders, f"amalia_serve files importing amalia_operator: {offenders}"
+
+
+def test_operator_imports_only_the_lexicon_of_serve_when_every_import_statement_is_read() -> None:
+    # Two levels deep: `import amalia_serve.config` reads as itself and is refused, and
+    # `from amalia_serve import X` reads as the bare package, refused too; the allowed form names the module.
+    sources = imports_in_source(PACKAGE_DIRS["amalia_operator"], depth=2)
+    assert len(sources) > 10
+    serve_imports = {
+        path: {name for name in names if name.split(".")[0] == "amalia_serve"}
+        for path, names in sources.items()
+    }
+    offenders = {path: names for path, names in serve_imports.items() if names - {SHARED}}
+    assert not offenders, f"amalia_operator files importing more of amalia_serve: {offenders}"
+    assert any(serve_imports.values())  # the lexicon is imported from amalia_serve, not copied
 
 
 def test_source_scan_sees_imports_in_function_bodies_when_reading_a_file(tmp_path: Path) -> None:
@@ -69,10 +91,17 @@ def test_ingress_loads_no_torch_vllm_or_operator_when_imported() -> None:
     )
 
 
-def test_operator_never_imports_serve_package_when_fully_loaded() -> None:
-    loaded = imported_after("amalia_operator.handlers, amalia_operator.cli, amalia_operator.crd")
+def test_operator_loads_only_the_shared_lexicon_of_serve_when_fully_loaded() -> None:
+    modules = modules_after(
+        "amalia_operator.handlers, amalia_operator.cli, amalia_operator.crd, "
+        "amalia_operator.evaluation.checks, amalia_operator.evaluation.runner"
+    )
+    loaded = {name.split(".")[0] for name in modules}
     assert "kopf" in loaded
-    assert "amalia_serve" not in loaded and "ray" not in loaded and "torch" not in loaded
+    ours = {name for name in modules if name.split(".")[0] == "amalia_serve"}
+    assert ours == {"amalia_serve", SHARED}
+    heavy = {"ray", "torch", "vllm", "fastapi"} & loaded
+    assert not heavy, sorted(heavy)
 
 
 @pytest.mark.parametrize(
@@ -81,3 +110,12 @@ def test_operator_never_imports_serve_package_when_fully_loaded() -> None:
 def test_pure_modules_import_no_kubernetes_when_loaded(module: str) -> None:
     loaded = imported_after(module)
     assert not {"kopf", "kubernetes", "aiohttp", "amalia_serve"} & loaded
+
+
+def test_shared_lexicon_loads_no_third_party_package_when_imported() -> None:
+    modules = modules_after(SHARED)
+    ours = {name for name in modules if name.split(".")[0] == "amalia_serve"}
+    assert ours == {"amalia_serve", SHARED}
+    packages = {name.split(".")[0] for name in modules}
+    third_party = {"pydantic", "yaml", "ray", "torch", "vllm"} & packages
+    assert not third_party, sorted(third_party)

@@ -1,4 +1,4 @@
-"""Canary routing: precedence, weighted and sticky shares, minimal moves, weight validation.
+"""Canary routing: precedence, weighted and sticky shares, minimal moves, weight validation, shadow choice.
 
 Share checks use 5-sigma binomial bounds: with n keys and share p the count has
 sd = sqrt(n p (1 - p)); at n = 20,000 and p = 0.1 that is 42.4, so the bound is +-212 around 2,000.
@@ -16,6 +16,7 @@ import pytest
 from amalia_serve.routing import (
     RouteDecision,
     RouteReason,
+    ShadowPolicy,
     TrafficSplit,
     UnknownVariantError,
     validate_weights,
@@ -288,3 +289,96 @@ def test_split_raises_when_variant_names_repeat() -> None:
 def test_split_raises_when_there_are_no_variants() -> None:
     with pytest.raises(ValueError, match="at least one variant"):
         TrafficSplit((), {})
+
+
+# === shadow traffic ===
+
+STICKY_TO_SFT = RouteDecision(SFT, RouteReason.STICKY)
+WEIGHTED_TO_SFT = RouteDecision(SFT, RouteReason.WEIGHTED)
+
+
+def _shadowed_keys(policy: ShadowPolicy, keys: list[str] = KEYS) -> set[str]:
+    rng = random.Random(0)
+    return {key for key in keys if policy.shadows(STICKY_TO_SFT, key, rng)}
+
+
+def _shadowed_draws(policy: ShadowPolicy, n: int = N_KEYS, seed: int = 0) -> int:
+    rng = random.Random(seed)
+    return sum(policy.shadows(WEIGHTED_TO_SFT, None, rng) for _ in range(n))
+
+
+@pytest.mark.parametrize("percent", [0.0, 100.0])
+def test_shadow_copies_none_or_all_routed_requests_when_percent_is_0_or_100(percent: float) -> None:
+    policy = ShadowPolicy(TrafficSplit(VARIANTS, {SFT: 100, DPO: 0}), DPO, percent)
+    expected = N_KEYS if percent else 0
+    assert len(_shadowed_keys(policy)) == expected
+    assert _shadowed_draws(policy) == expected
+
+
+def test_shadow_share_is_within_binomial_bound_when_percent_is_5() -> None:
+    policy = ShadowPolicy(TrafficSplit(VARIANTS, {SFT: 90, DPO: 10}), DPO, 5.0)
+    _assert_binomial(len(_shadowed_keys(policy)), N_KEYS, 0.05)  # 1000 +- 154
+    _assert_binomial(_shadowed_draws(policy), N_KEYS, 0.05)
+
+
+def test_shadow_choice_of_a_sticky_key_never_changes_when_asked_again_with_other_rngs() -> None:
+    policy = ShadowPolicy(TrafficSplit(VARIANTS, {SFT: 90, DPO: 10}), DPO, 5.0)
+    first = _shadowed_keys(policy, KEYS[:4000])
+    for seed in (1, 2, 3):
+        rng = random.Random(seed)
+        assert {key for key in KEYS[:4000] if policy.shadows(STICKY_TO_SFT, key, rng)} == first
+
+
+def test_keys_shadowed_at_5_percent_stay_shadowed_when_percent_rises_to_10() -> None:
+    split = TrafficSplit(VARIANTS, {SFT: 90, DPO: 10})
+    at_5, at_10 = (_shadowed_keys(ShadowPolicy(split, DPO, p)) for p in (5.0, 10.0))
+    assert at_5 < at_10
+    _assert_binomial(len(at_10), N_KEYS, 0.10)
+
+
+def test_shadow_choice_is_independent_of_the_route_when_keys_are_split_50_50() -> None:
+    # The shadow draw is salted apart from the routing hash: each variant's keys are shadowed at 5%.
+    split = TrafficSplit(("amalia-sft", "amalia-kto", DPO), {SFT: 50, "amalia-kto": 50, DPO: 0})
+    policy = ShadowPolicy(split, DPO, 5.0)
+    by_variant: dict[str, list[str]] = {SFT: [], "amalia-kto": []}
+    for key in KEYS:
+        by_variant[split.sticky_variant(key)].append(key)
+    for variant, keys in by_variant.items():
+        rng = random.Random(0)
+        decision = RouteDecision(variant, RouteReason.STICKY)
+        shadowed = sum(policy.shadows(decision, key, rng) for key in keys)
+        _assert_binomial(shadowed, len(keys), 0.05)
+
+
+@pytest.mark.parametrize(
+    "decision",
+    [
+        RouteDecision(SFT, RouteReason.PINNED),
+        RouteDecision(SFT, RouteReason.HEADER),
+        RouteDecision(DPO, RouteReason.PINNED),
+        RouteDecision(DPO, RouteReason.STICKY),
+        RouteDecision(DPO, RouteReason.WEIGHTED),
+    ],
+)
+def test_shadow_never_copies_pinned_requests_or_the_shadow_variants_own_when_percent_is_100(
+    decision: RouteDecision,
+) -> None:
+    policy = ShadowPolicy(TrafficSplit(VARIANTS, {SFT: 50, DPO: 50}), DPO, 100.0)
+    rng = random.Random(0)
+    assert not any(policy.shadows(decision, key, rng) for key in KEYS[:500])
+
+
+@pytest.mark.parametrize(
+    ("variant", "percent", "message"),
+    [
+        ("amalia-kto", 5.0, "shadow variant 'amalia-kto' is not a variant"),
+        (DPO, -1.0, r"must lie in \[0, 100\]"),
+        (DPO, 100.5, r"must lie in \[0, 100\]"),
+        (DPO, math.nan, r"must lie in \[0, 100\]"),
+    ],
+)
+def test_shadow_policy_raises_when_variant_unknown_or_percent_out_of_range(
+    variant: str, percent: float, message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        ShadowPolicy(TrafficSplit(VARIANTS, {SFT: 90, DPO: 10}), variant, percent)

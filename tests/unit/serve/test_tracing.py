@@ -22,6 +22,7 @@ from opentelemetry.sdk.resources import Resource
 from amalia_serve import tracing
 from amalia_serve.tracing import (
     GenerationTrace,
+    ShadowSpan,
     Tracing,
     TracingSettings,
     build_resource,
@@ -41,7 +42,7 @@ CALLER_SPAN_ID = "00f067aa0ba902b7"
 TRACEPARENT = f"00-{CALLER_TRACE_ID}-{CALLER_SPAN_ID}-01"
 SECRET_PROMPT = "O meu NIF é 123456789"
 SECRET_COMPLETION = "Guardei o teu NIF"
-SPAN_KIND_INTERNAL, SPAN_KIND_SERVER = 1, 2
+SPAN_KIND_INTERNAL, SPAN_KIND_SERVER, SPAN_KIND_CLIENT = 1, 2, 3
 STATUS_UNSET, STATUS_ERROR = 0, 2
 
 
@@ -326,6 +327,45 @@ def test_request_path_stays_fast_when_collector_is_down(
     assert shutdown_s < 1.5, f"shutdown took {shutdown_s:.3f}s with the collector down"
 
 
+def test_shadow_span_is_a_client_child_of_the_request_and_parents_the_copy_when_traced(
+    to_receiver: OtlpHttpReceiver, replicas: list[Tracing]
+) -> None:
+    ingress, variant = _replica(replicas, "ingress"), _replica(replicas, "variant", "amalia-dpo")
+    with server_span("/v1/chat/completions", "POST", {"traceparent": TRACEPARENT}, ingress) as span:
+        carrier = dict(span.carrier)
+    # The copy starts after the request's span ended, as a late child of the same trace.
+    shadow = ShadowSpan(carrier, "amalia-dpo", ingress)
+    assert shadow.carrier["traceparent"] != carrier["traceparent"]
+    GenerationTrace(shadow.carrier, "chat", "amalia", "amalia-dpo", tracing=variant).finished(5, 3, "stop")
+    shadow.answered(503)
+    shadow.dropped("overloaded")  # ended already: ignored
+
+    spans = to_receiver.wait_for_spans(3)
+    server, client = _by_kind(spans, SPAN_KIND_SERVER), _by_kind(spans, SPAN_KIND_CLIENT)
+    generation = _by_kind(spans, SPAN_KIND_INTERNAL)
+    assert server.trace_id == client.trace_id == generation.trace_id == CALLER_TRACE_ID
+    assert client.parent_span_id == server.span_id and generation.parent_span_id == client.span_id
+    assert client.name == "shadow amalia-dpo"
+    assert client.attributes == {
+        "amalia.shadow": True,
+        "amalia.route.variant": "amalia-dpo",
+        "http.response.status_code": 503,
+        "error.type": "503",
+    }
+    assert client.status_code == STATUS_ERROR
+
+
+def test_dropped_shadow_span_names_the_reason_and_is_no_error_when_the_copy_was_not_taken(
+    to_receiver: OtlpHttpReceiver, replicas: list[Tracing]
+) -> None:
+    shadow = ShadowSpan({"traceparent": TRACEPARENT}, "amalia-dpo", _replica(replicas, "ingress"))
+    shadow.dropped("overloaded")
+    (client,) = to_receiver.wait_for_spans(1)
+    assert client.parent_span_id == CALLER_SPAN_ID
+    assert client.attributes["amalia.shadow.dropped"] == "overloaded"
+    assert client.status_code == STATUS_UNSET
+
+
 def test_tracing_is_noop_when_no_endpoint_is_set() -> None:
     off = Tracing.from_env("variant", "amalia-sft")
     assert not off.enabled
@@ -339,6 +379,9 @@ def test_tracing_is_noop_when_no_endpoint_is_set() -> None:
     generation.first_token(0.1)
     generation.finished(1, 1, "length")
     assert not generation.span_context.is_valid
+    shadow = ShadowSpan({"traceparent": TRACEPARENT}, "amalia-dpo", off)
+    shadow.answered(200)
+    assert shadow.carrier == {}
 
 
 def test_configure_tracing_keeps_first_setup_when_called_twice(

@@ -16,6 +16,10 @@ Portuguese in another sense only counts as pt-BR in contexts where it cannot hav
 Matching is case-insensitive on NFC text; accents are optional where dropping one cannot turn
 the form into another word (`onibus` is still pt-BR), and required where it can (`é fato que`
 but not `e fato`, since `e` is "and").
+
+Two users, one lexicon: the operator's evaluation scores golden-set answers with it, and the
+ingress scores shadow answers (amalia_serve.shadow). It is the one module of amalia_serve that
+amalia_operator imports, so it stays pure: re and unicodedata only (tests/unit/test_layering.py).
 """
 
 from __future__ import annotations
