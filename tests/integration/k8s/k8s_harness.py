@@ -166,7 +166,7 @@ class OperatorProcess:
         with self.log.open("ab") as out:
             out.write(f"--- start {self.pod_id}\n".encode())
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "amalia_operator", "-n", self.namespace, "--verbose"],
+                [sys.executable, "-m", "amalia_operator", "run", "-n", self.namespace, "--verbose"],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 env=env,
