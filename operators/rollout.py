@@ -2,11 +2,12 @@
 make.
 
 Pure: no kopf, no kubernetes, no clock, no network. Every input that changes over time (the
-RayService's variants, weights and deployment health, a Prometheus measurement, a person's action,
-the time) comes in as an argument, so every path is unit-tested in milliseconds and a restarted
-operator that re-reads the same status makes the same decision. Edits are idempotent
-(add-if-missing, set weights, remove-if-present), so repeating one after a crash between "RayService
-patched" and "status written" is harmless.
+RayService's variants, weights and deployment health, a Prometheus measurement, what is known of an
+evaluation run, a person's action, the time) comes in as an argument, so every path is unit-tested
+in milliseconds and a restarted operator that re-reads the same status makes the same decision.
+Edits are idempotent (add-if-missing, set weights and shadow, remove-if-present), so repeating one
+after a crash between "RayService patched" and "status written" is harmless. The evaluation step's
+own attempts are decided in evaluation/attempts.py.
 
 Stages (kept in status.stage): Deploying -> Stepping (steps[stepIndex]) -> Promoting -> Promoted, or
 at any point RollingBack -> RolledBack. Conditions are computed from the stage; `phase` is derived
