@@ -6,7 +6,7 @@ run tests prove the mechanics (pinning by model name, seeded reruns giving the s
 counting, time bounds, a canary that cannot answer vs an ingress that cannot be reached), not answer
 quality. The rollout tests use a golden set whose items the demo stable does answer (a few words to
 short prompts), and canaries the operator adds itself from the stable's application: one whose
-engine (a 48-token context) cannot answer the longer items, rolled back by the step; one on the
+engine (a 64-token context) cannot answer the longer items, rolled back by the step; one on the
 stable's own checkpoint, which answers exactly as the stable and passes.
 """
 
@@ -182,19 +182,23 @@ async def test_evaluation_is_inconclusive_when_ingress_is_unreachable(
 
 # === the operator's evaluation step on this Serve ===
 NS, UID = "amalia", "rollout-under-test"
-# A golden set the demo stable answers: a few words to each prompt. The 48-token canary has no room
-# for the longer prompts and 24 answer tokens (15-24 prompt tokens fit, 26 and more do not).
-SHORT_PROMPTS = ["Olá!", "Bom dia!", "Qual é a capital de Portugal?"]
+# A golden set the demo stable answers: at least three words to each prompt (seen: 8 to 19, greedy;
+# a prompt it answered with one run of underscores is left out). With the set's own short system
+# message (the variant's default one is ~65 tokens), the demo tokenizer makes the short prompts
+# 32-37 tokens and the long ones 51 and 64: with 24 answer tokens, a 64-token context holds the
+# first, never the second.
+SHORT_PROMPTS = ["Olá!", "Bom dia!", "Boa noite!"]
 LONG_PROMPTS = [
-    "Diz três palavras sobre o mar.",
     "Escreve uma frase sobre Lisboa e o rio Tejo, por favor.",
-    "Conta uma história curta sobre um gato que vive em Lisboa, perto do rio Tejo.",
+    "Descreve em poucas palavras o que se vê da janela de um comboio entre Lisboa e o Porto.",
 ]
+CANARY_CONTEXT = 64
 DEMO_SET = yaml.safe_dump(
     {
         "apiVersion": "evaluation.amalia.pt/v1",
         "kind": "GoldenSet",
         "name": "demo-answers-v1",
+        "system": "Responde em português europeu.",
         "maxTokens": 24,
         "items": [
             {
@@ -322,7 +326,8 @@ async def test_evaluation_step_rolls_back_canary_whose_engine_cuts_its_answers(
 ) -> None:
     sft, _ = demo_checkpoints
     world, tasks = ServeAsRayService(served_config), EvaluationTasks(read_config_map)
-    canary = {"name": "amalia-short", "modelPath": str(sft), "engine": {"max_model_len": 48}}
+    engine = {"max_model_len": CANARY_CONTEXT}
+    canary = {"name": "amalia-short", "modelPath": str(sft), "engine": engine}
     spec = rollout_spec(served, canary)
     status, events = await drive(spec, world, tasks, RolloutStatus(), gone("amalia-short"))
 
@@ -330,21 +335,22 @@ async def test_evaluation_step_rolls_back_canary_whose_engine_cuts_its_answers(
     assert last is not None and last.verdict == "Failed", status.message
     assert last.stable is not None and last.canary is not None and last.threshold == 1.0
     # The stable answers every item; the canary only the short ones (its engine refuses the rest).
-    assert (last.stable.passed, last.stable.total, last.stable.unanswered) == (6, 6, 0)
-    assert (last.canary.passed, last.canary.unanswered) == (3, 3)
-    assert last.regressions == [f"demo-answers-v1/longa-{n}" for n in range(3)]
-    assert last.golden_set is not None and last.golden_set.items == 6
+    assert (last.stable.passed, last.stable.total, last.stable.unanswered) == (5, 5, 0)
+    assert (last.canary.passed, last.canary.unanswered) == (3, 2)
+    assert last.regressions == ["demo-answers-v1/longa-0", "demo-answers-v1/longa-1"]
+    assert last.golden_set is not None and last.golden_set.items == 5
     assert last.golden_set.source == "ConfigMap amalia/goldensets key demo-answers-v1.yaml"
     (failed,) = [e for e in events if e.reason == "EvaluationFailed"]
     assert failed.type == "Warning"
-    assert "canary amalia-short scored 0.500 (3/6), threshold 1.000" in failed.message
+    assert "canary amalia-short scored 0.600 (3/5), threshold 1.000" in failed.message
     assert "failing: demo-answers-v1/longa-0, demo-answers-v1/longa-1" in failed.message
+    assert "2 without an answer" in failed.message
     # Built by the operator from the stable's application, with the canary's engine override.
     (stable_app,) = [a for a in served_config["applications"] if a["name"] == "amalia-sft"]
     canary_app = next(
         a for c in world.deployed for a in c["applications"] if a["name"] == "amalia-short"
     )
-    assert canary_app["args"]["engine"] == {**stable_app["args"]["engine"], "max_model_len": 48}
+    assert canary_app["args"]["engine"] == {**stable_app["args"]["engine"], **engine}
     assert serveconfig.observe(world.text, "amalia") == serveconfig.AppView(
         ("amalia-sft", "amalia-dpo"), {"amalia-sft": 90, "amalia-dpo": 10}
     )
@@ -364,6 +370,8 @@ async def test_evaluation_step_passes_canary_that_answers_as_well_as_stable(
     assert last.stable == last.canary.model_copy(update={"variant": "amalia-sft"})  # type: ignore[union-attr]
     assert last.canary.score == 1.0 and last.regression_count == 0  # type: ignore[union-attr]
     assert status.phase == "Paused" and last.duration_seconds < 180
-    # Clean up the way a person would: abort, and the twin's application goes.
-    status, _ = await drive(spec, world, tasks, status, gone("amalia-twin"), action="abort")
+    # Clean up the way a person would: abort, and the twin's application leaves the config.
+    status, _ = await drive(
+        spec, world, tasks, status, lambda s: s.stage == "RolledBack", action="abort"
+    )
     assert serveconfig.observe(world.text, "amalia").variants == ("amalia-sft", "amalia-dpo")
