@@ -11,6 +11,11 @@ inconclusive limit, and pauses on Error: an outage says nothing about the canary
 Ray exports a labelled series only after its first increment, so "no data" means different things
 per query: the built-in error rate turns "no 5xx series" into 0 (`or vector(0)`), and a canary that
 served nothing is caught by the request count before any metric is read.
+
+Metrics of shadow traffic (the canary's answers to copied requests, which nobody sees) have their
+own gate: the shadowed requests the canary answered in the window. A canary at weight 0 with shadow
+traffic is judged on its shadow metrics alone (an analysis step may name the metrics it judges); a
+live metric there would have no requests to count and make the measurement inconclusive.
 """
 
 from __future__ import annotations
@@ -20,16 +25,24 @@ import math
 import string
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import aiohttp
 
-from amalia_operator.constants import PROMETHEUS_TIMEOUT_S, REQUESTS_QUERY
-from amalia_operator.models import AnalysisSettings, Measurement, Metric, MetricResult, Outcome
-from amalia_operator.rollout import rfc3339
+from amalia_operator.constants import PROMETHEUS_TIMEOUT_S, REQUESTS_QUERY, SHADOW_REQUESTS_QUERY
+from amalia_operator.models import (
+    AnalysisSettings,
+    Measurement,
+    Metric,
+    MetricResult,
+    Outcome,
+    rfc3339,
+)
 
 logger = logging.getLogger(__name__)
-# The request-count gate appears among a measurement's results under this name.
+# The request-count gates appear among a measurement's results under these names.
 REQUESTS_RESULT = "canary-requests"
+SHADOW_REQUESTS_RESULT = "canary-shadow-requests"
 _SEVERITY: tuple[Outcome, ...] = ("Failed", "Error", "Inconclusive", "Successful")
 
 
@@ -47,7 +60,7 @@ def render_query(template: str, variant: str, window: str) -> str:
 
 def judge(metric: Metric, answer: Answer) -> MetricResult:
     """Compares one answer with the metric's bounds."""
-    bounds = {"metric": metric.name, "min": metric.min, "max": metric.max}
+    bounds: dict[str, Any] = {"metric": metric.name, "min": metric.min, "max": metric.max}
     if answer.error is not None:
         return MetricResult(**bounds, outcome="Error", message=answer.error)
     if answer.value is None or math.isnan(answer.value):
@@ -58,26 +71,31 @@ def judge(metric: Metric, answer: Answer) -> MetricResult:
     return MetricResult(**bounds, outcome="Failed" if failed else "Successful", value=answer.value)
 
 
-def judge_requests(answer: Answer, min_requests: int, window: str) -> MetricResult:
-    """The gate: enough canary requests in the window for the metrics to mean something."""
-    bounds = {"metric": REQUESTS_RESULT, "min": float(min_requests)}
+def judge_requests(
+    answer: Answer, min_requests: int, window: str, shadow: bool = False
+) -> MetricResult:
+    """The gate: enough canary requests (live, or shadowed with `shadow`) in the window for the
+    metrics to mean something."""
+    name = SHADOW_REQUESTS_RESULT if shadow else REQUESTS_RESULT
+    bounds: dict[str, Any] = {"metric": name, "min": float(min_requests)}
     if answer.error is not None:
         return MetricResult(**bounds, outcome="Error", message=answer.error)
-    # No series at all: the canary has not served a single request since it started.
+    # No series at all: the canary has not served (or answered a shadowed) request since it started.
     served = 0.0 if answer.value is None or math.isnan(answer.value) else answer.value
     if served < min_requests or served == 0:
+        what = "shadowed requests" if shadow else "requests"
         return MetricResult(
             **bounds,
             outcome="Inconclusive",
             value=served,
-            message=f"the canary served too few requests in {window} to judge",
+            message=f"the canary answered too few {what} in {window} to judge",
         )
     return MetricResult(**bounds, outcome="Successful", value=served)
 
 
 def combine(results: list[MetricResult], now: datetime) -> Measurement:
     outcomes = {r.outcome for r in results}
-    outcome = next((o for o in _SEVERITY if o in outcomes), "Successful")
+    outcome: Outcome = next((o for o in _SEVERITY if o in outcomes), "Successful")
     return Measurement(outcome=outcome, time=rfc3339(now), results=results)
 
 
@@ -103,9 +121,14 @@ async def query(session: aiohttp.ClientSession, base_url: str, promql: str) -> A
     return Answer(float(series[0]["value"][1]))
 
 
-async def measure(settings: AnalysisSettings, variant: str, now: datetime) -> Measurement:
-    """Evaluates the request gate and then every metric of `settings` for `variant` once."""
+async def measure(
+    settings: AnalysisSettings, variant: str, now: datetime, metrics: list[Metric] | None = None
+) -> Measurement:
+    """Evaluates `metrics` (default: all of `settings`) for `variant` once, each kind (live,
+    shadow) after its own request gate."""
     timeout = aiohttp.ClientTimeout(total=PROMETHEUS_TIMEOUT_S)
+    chosen = settings.metrics if metrics is None else metrics
+    results: list[MetricResult] = []
     async with aiohttp.ClientSession(timeout=timeout) as session:
 
         async def ask(template: str) -> Answer:
@@ -113,11 +136,16 @@ async def measure(settings: AnalysisSettings, variant: str, now: datetime) -> Me
                 session, settings.prometheus_url, render_query(template, variant, settings.window)
             )
 
-        gate = judge_requests(await ask(REQUESTS_QUERY), settings.min_requests, settings.window)
-        results = [gate]
-        if gate.outcome == "Successful":
-            for metric in settings.metrics:
-                results.append(judge(metric, await ask(metric.promql())))
+        for shadow, gate_query in ((False, REQUESTS_QUERY), (True, SHADOW_REQUESTS_QUERY)):
+            group = [m for m in chosen if m.shadow == shadow]
+            if not group:
+                continue
+            answer = await ask(gate_query)
+            gate = judge_requests(answer, settings.min_requests, settings.window, shadow)
+            results.append(gate)
+            if gate.outcome == "Successful":
+                for metric in group:
+                    results.append(judge(metric, await ask(metric.promql())))
     for result in results:
         logger.info("analysis of %s: %s %s", variant, result.outcome, result.describe())
     return combine(results, now)

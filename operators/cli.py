@@ -17,7 +17,7 @@ from kubernetes.client.exceptions import ApiException
 
 from amalia_operator.constants import ACTION_ANNOTATION, GROUP, PLURAL, VERSION
 from amalia_operator.kube import MERGE_PATCH, custom_objects_api
-from amalia_operator.models import RolloutStatus, Step
+from amalia_operator.models import EvaluationScore, EvaluationSummary, RolloutStatus, Step
 from amalia_operator.rollout import ACTIONS, describe_step
 
 BAR_WIDTH = 20
@@ -29,8 +29,8 @@ def weight_bar(weight: int) -> str:
 
 
 def format_status(obj: dict[str, Any]) -> str:
-    """Human summary: phase, step, canary weight as a bar, the whole traffic split, last
-    analysis, conditions."""
+    """Human summary: phase, step, canary weight as a bar, the whole traffic split, shadow traffic,
+    last analysis, the evaluation running and the last one finished, conditions."""
     spec = obj.get("spec") or {}
     status = RolloutStatus.model_validate(obj.get("status") or {})
     steps = spec.get("steps") or []
@@ -46,6 +46,12 @@ def format_status(obj: dict[str, Any]) -> str:
     ]
     if status.weights:
         lines.append(f"Traffic:    {_split_text(status.weights)}")
+    if status.shadow is not None:
+        canary = status.canary_name or (spec.get("canary") or {}).get("name", "?")
+        lines.append(
+            f"Shadow:     {status.shadow.percent:g}% of the requests copied to {canary} "
+            f"(at most {status.shadow.max_in_flight} in flight; answers never returned)"
+        )
     lines.append(f"Message:    {status.message or '-'}")
     if status.observed_generation != meta.get("generation"):
         lines.append(
@@ -56,12 +62,50 @@ def format_status(obj: dict[str, Any]) -> str:
     if last is not None:
         lines.append(f"Analysis:   {last.outcome} at {last.time}")
         lines.extend(f"  - {r.outcome:<12} {r.describe()}" for r in last.results)
+    running = status.evaluation
+    if running is not None and running.started_at is not None and status.stage == "Stepping":
+        lines.append(
+            f"Evaluating: step {running.step_index}, attempt {running.attempt} since "
+            f"{running.started_at}: {running.answered}/{running.planned} requests answered"
+        )
+    if status.last_evaluation is not None:
+        lines.extend(_evaluation_lines(status.last_evaluation))
     for cond in status.conditions:
         lines.append(
             f"Condition:  {cond.type}={cond.status} {cond.reason}"
             + (f": {cond.message}" if cond.message else "")
         )
     return "\n".join(lines)
+
+
+def _evaluation_lines(last: EvaluationSummary) -> list[str]:
+    head = (
+        f"Evaluation: {last.verdict} at {last.time} (step {last.step_index}, attempt "
+        f"{last.attempt}, {last.duration_seconds:.1f}s)"
+    )
+    lines = [head]
+    golden = last.golden_set
+    if golden is not None:
+        lines.append(
+            f"  - golden set {golden.name} ({golden.items} items, {golden.source}, "
+            f"digest {golden.digest})"
+        )
+    for role, score in (("stable", last.stable), ("canary", last.canary)):
+        if score is not None:
+            lines.append(f"  - {role} {_score_text(score)}")
+    if last.threshold is not None:
+        lines.append(f"  - threshold {last.threshold:.3f}")
+    if last.regression_count:
+        more = last.regression_count - len(last.regressions)
+        listed = ", ".join(last.regressions) + (f" and {more} more" if more else "")
+        lines.append(f"  - pass to fail ({last.regression_count}): {listed}")
+    lines.append(f"  - {last.reason}")
+    return lines
+
+
+def _score_text(score: EvaluationScore) -> str:
+    unanswered = f", {score.unanswered} unanswered" if score.unanswered else ""
+    return f"{score.variant} {score.score:.3f} ({score.passed}/{score.total}{unanswered})"
 
 
 def _step_line(status: RolloutStatus, steps: list[dict[str, Any]]) -> str:

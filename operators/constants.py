@@ -49,6 +49,12 @@ PEERING_LIFETIME_S = int(os.getenv("AMALIA_OPERATOR_PEERING_LIFETIME_S", "15"))
 # Names Ray exports for the per-variant series (serve/metrics.py; Ray adds `ray_` and `_total`).
 REQUESTS_TOTAL_METRIC = "ray_amalia_requests_total"
 TTFT_BUCKET_METRIC = "ray_amalia_time_to_first_token_seconds_bucket"
+# The shadow-traffic series the ingress exports for the variant it copies requests to (`variant` is
+# the shadow target; the caller never sees these answers).
+SHADOW_REQUESTS_METRIC = "ray_amalia_shadow_requests_total"
+SHADOW_LATENCY_BUCKET_METRIC = "ray_amalia_shadow_latency_seconds_bucket"
+SHADOW_OUTPUT_TOKENS_METRIC = "ray_amalia_shadow_output_tokens_total"
+SHADOW_VARIETY_METRIC = "ray_amalia_shadow_variety_markers_total"
 
 
 def window_increase(selector: str) -> str:
@@ -71,8 +77,17 @@ def window_increase(selector: str) -> str:
 _CANARY_REQUESTS = f'{REQUESTS_TOTAL_METRIC}{{variant="$variant"}}'
 _CANARY_5XX = f'{REQUESTS_TOTAL_METRIC}{{variant="$variant",status_class="5xx"}}'
 _CANARY_TTFT = f'{TTFT_BUCKET_METRIC}{{variant="$variant"}}'
+_SHADOW_REQUESTS = f'{SHADOW_REQUESTS_METRIC}{{variant="$variant"}}'
+_SHADOW_5XX = f'{SHADOW_REQUESTS_METRIC}{{variant="$variant",status_class="5xx"}}'
+_SHADOW_LATENCY = f'{SHADOW_LATENCY_BUCKET_METRIC}{{variant="$variant"}}'
+_SHADOW_TOKENS = f'{SHADOW_OUTPUT_TOKENS_METRIC}{{variant="$variant"}}'
+_SHADOW_MARKERS = f'{SHADOW_VARIETY_METRIC}{{variant="$variant"}}'
+_SHADOW_PT_BR = f'{SHADOW_VARIETY_METRIC}{{variant="$variant",variety="pt-BR"}}'
 # The canary's requests in the window: a measurement counts only when this reaches minRequests.
 REQUESTS_QUERY = f"sum({window_increase(_CANARY_REQUESTS)})"
+# The same gate for shadow metrics: requests copied to the canary that it answered in the window.
+# Nothing shadowed leaves no series at all, so this is "no data" (too few), never 0 errors.
+SHADOW_REQUESTS_QUERY = f"sum({window_increase(_SHADOW_REQUESTS)})"
 BUILTIN_QUERIES: dict[str, str] = {
     # A canary that never failed has no 5xx series at all: `or vector(0)` reads that as 0 errors.
     # When the canary served nothing the denominator is empty and so is the answer (no data).
@@ -80,8 +95,41 @@ BUILTIN_QUERIES: dict[str, str] = {
     "ttft-p95-seconds": (
         f"histogram_quantile(0.95, sum by (le) ({window_increase(_CANARY_TTFT)}))"
     ),
+    # The same reading of absent series for the answers to shadowed requests.
+    "shadow-error-rate": (
+        f"(sum({window_increase(_SHADOW_5XX)}) or vector(0)) / {SHADOW_REQUESTS_QUERY}"
+    ),
+    "shadow-latency-p95-seconds": (
+        f"histogram_quantile(0.95, sum by (le) ({window_increase(_SHADOW_LATENCY)}))"
+    ),
+    "shadow-output-tokens-per-request": (
+        f"sum({window_increase(_SHADOW_TOKENS)}) / {SHADOW_REQUESTS_QUERY}"
+    ),
+    # Share of the variety markers in the shadow answers that are Brazilian: no pt-BR series is 0,
+    # no marker at all (nothing shadowed, or answers without a marker word) is no data.
+    "shadow-pt-br-share": (
+        f"(sum({window_increase(_SHADOW_PT_BR)}) or vector(0))"
+        f" / sum({window_increase(_SHADOW_MARKERS)})"
+    ),
 }
+# Built-in metrics judged on shadow traffic: their measurement is gated on SHADOW_REQUESTS_QUERY.
+SHADOW_BUILTINS = frozenset(name for name in BUILTIN_QUERIES if name.startswith("shadow-"))
 DEFAULT_METRICS: list[dict[str, object]] = [
     {"name": "error-rate", "max": 0.01},
     {"name": "ttft-p95-seconds", "max": 2.0},
 ]
+
+# The evaluation step (docs/evaluation.md): the golden set it runs unless told, and the verdict's
+# defaults: how far below the stable's score the canary may land, and the score it must reach.
+DEFAULT_GOLDEN_SET = "pt-pt-core-v1"
+DEFAULT_TOLERANCE = 0.05
+DEFAULT_MIN_SCORE = 0.0
+# KubeRay's Service in front of a RayService's Serve proxies, `<rayservice>-serve-svc`, and its port.
+SERVE_SERVICE_SUFFIX = "-serve-svc"
+SERVE_PORT = 8000
+# An evaluation run still in flight this long after its timeout is given up (inconclusive): the
+# run bounds itself, so only a hung task reaches this.
+EVALUATION_GRACE_S = float(os.getenv("AMALIA_OPERATOR_EVALUATION_GRACE_S", "60"))
+# Between an inconclusive evaluation run and the next attempt: an unreachable ingress gets time to
+# come back instead of burning every attempt within a few ticks.
+EVALUATION_RETRY_DELAY_S = float(os.getenv("AMALIA_OPERATOR_EVALUATION_RETRY_DELAY_S", "30"))

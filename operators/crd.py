@@ -16,23 +16,40 @@ import yaml
 
 from amalia_operator.constants import (
     BUILTIN_QUERIES,
+    DEFAULT_GOLDEN_SET,
+    DEFAULT_METRICS,
+    DEFAULT_MIN_SCORE,
+    DEFAULT_TOLERANCE,
     GROUP,
     KIND,
     PEERING_GROUP,
     PEERING_VERSION,
     PLURAL,
+    SERVE_PORT,
+    SERVE_SERVICE_SUFFIX,
+    SHADOW_BUILTINS,
     SHORT_NAMES,
     VERSION,
 )
 from amalia_operator.models import (
+    CONFIG_MAP_KEY_PATTERN,
+    CONFIG_MAP_NAME_PATTERN,
     DURATION_PATTERN,
+    SLUG_PATTERN,
     STEP_KINDS,
+    URL_PATTERN,
     VARIANT_NAME_PATTERN,
     WINDOW_PATTERN,
+    EvaluationStep,
+    ShadowStep,
 )
 
 CRD_DIR = Path(__file__).parent / "crd"
 CRD_NAME = f"{PLURAL}.{GROUP}"
+# Bounds on lists and names that CEL rules loop over: the API server refuses a rule whose
+# worst-case cost it cannot bound.
+MAX_METRICS = 32
+MAX_NAME = 63
 
 Schema = dict[str, Any]
 
@@ -45,8 +62,8 @@ def _int(description: str, **extra: Any) -> Schema:
     return {"type": "integer", "description": description, **extra}
 
 
-def _num(description: str) -> Schema:
-    return {"type": "number", "description": description}
+def _num(description: str, **extra: Any) -> Schema:
+    return {"type": "number", "description": description, **extra}
 
 
 def _obj(
@@ -90,10 +107,15 @@ def _variant(role: str) -> dict[str, Schema]:
 
 def _metric() -> Schema:
     builtins = ", ".join(f"'{name}'" for name in sorted(BUILTIN_QUERIES))
+    shadow = ", ".join(sorted(SHADOW_BUILTINS))
     return _obj(
         "One analysis metric: a PromQL query whose single value must stay within min..max.",
         {
-            "name": _str(f"Metric name; the built-ins {builtins} need no query.", minLength=1),
+            "name": _str(
+                f"Metric name; the built-ins {builtins} need no query.",
+                minLength=1,
+                maxLength=MAX_NAME,
+            ),
             "query": _str(
                 "PromQL instant query returning one series; `$variant` and `$window` are "
                 "replaced by the canary's name and analysis.window.",
@@ -101,12 +123,22 @@ def _metric() -> Schema:
             ),
             "min": _num("Fail when the value is below this."),
             "max": _num("Fail when the value is above this."),
+            "source": _str(
+                "What a custom query measures: `live` requests (the default; gated on the "
+                "canary's request count) or `shadow` traffic (gated on the shadowed requests it "
+                f"answered). The built-ins know theirs: {shadow} are shadow metrics.",
+                enum=["live", "shadow"],
+            ),
         },
         required=["name"],
         rules=[
             (
                 f"has(self.query) || self.name in [{builtins}]",
                 f"a custom metric needs a query; only {builtins} have built-in queries",
+            ),
+            (
+                "!has(self.source) || has(self.query)",
+                "metric source is for custom queries; built-in metrics know theirs",
             ),
             ("has(self.min) || has(self.max)", "a metric needs a min or a max threshold"),
             (
@@ -144,10 +176,130 @@ def _step() -> Schema:
                         "Successful measurements needed; overrides spec.analysis.successCount.",
                         minimum=1,
                     ),
+                    "metrics": _list(
+                        "Names of spec.analysis.metrics judged at this step (default: all), "
+                        "e.g. only shadow metrics while the canary has no live traffic.",
+                        _str("A metric name.", minLength=1, maxLength=MAX_NAME),
+                        minItems=1,
+                        maxItems=MAX_METRICS,
+                    ),
                 },
+            ),
+            "evaluation": _evaluation(),
+            "shadow": _obj(
+                "Copy a share of the alias's live requests to the canary after the stable has "
+                "answered them; the copies' answers are never returned to anyone and are "
+                "judged by shadow metrics. Stays on until another shadow step changes it; "
+                "promotion, abort and rollback turn it off.",
+                {
+                    "percent": _num(
+                        "Share of the alias's requests copied, 0..100 (0 turns shadow off).",
+                        minimum=0,
+                        maximum=100,
+                    ),
+                    "maxInFlight": _int(
+                        "Shadow requests in flight at once per ingress replica; more are dropped "
+                        f"(default {ShadowStep.model_fields['max_in_flight'].default}).",
+                        minimum=1,
+                        maximum=1024,
+                    ),
+                },
+                required=["percent"],
             ),
         },
         rules=[(f"{one_of} == 1", f"a step must set exactly one of {kinds}")],
+    )
+
+
+def _evaluation() -> Schema:
+    defaults = EvaluationStep.model_fields
+
+    def default(name: str) -> Any:
+        return defaults[name].default
+
+    url = f"http://<rayServiceName>{SERVE_SERVICE_SUFFIX}.<namespace>.svc:{SERVE_PORT}"
+    return _obj(
+        "Ask a golden set of the stable and the canary through the ingress, each pinned by "
+        "model name, greedy and seeded; pass when the canary scores at least the stable's score "
+        "minus tolerance, and at least minScore (docs/evaluation.md).",
+        {
+            "goldenSet": _obj(
+                f"The golden set (default name {DEFAULT_GOLDEN_SET}): exactly one of name and "
+                "configMapRef.",
+                {
+                    "name": _str(
+                        "A set the operator finds by name: shipped with it, or mounted into its "
+                        "pod (chart value operator.goldenSetConfigMaps).",
+                        pattern=SLUG_PATTERN,
+                        maxLength=63,
+                    ),
+                    "configMapRef": _obj(
+                        "A key of a ConfigMap in the rollout's namespace holding one set in the "
+                        "same YAML format; read when each run starts.",
+                        {
+                            "name": _str(
+                                "ConfigMap name.", pattern=CONFIG_MAP_NAME_PATTERN, maxLength=253
+                            ),
+                            "key": _str(
+                                "Key holding the set, e.g. finance-team-v1.yaml.",
+                                pattern=CONFIG_MAP_KEY_PATTERN,
+                                maxLength=253,
+                            ),
+                        },
+                        required=["name", "key"],
+                    ),
+                },
+                rules=[
+                    (
+                        "has(self.name) != has(self.configMapRef)",
+                        "a golden set is given by exactly one of name and configMapRef",
+                    )
+                ],
+            ),
+            "tolerance": _num(
+                "How far below the stable's score the canary may land, 0..1 "
+                f"(default {DEFAULT_TOLERANCE}; one item of N is 1/N).",
+                minimum=0,
+                maximum=1,
+            ),
+            "minScore": _num(
+                f"The score the canary must reach regardless, 0..1 (default {DEFAULT_MIN_SCORE}).",
+                minimum=0,
+                maximum=1,
+            ),
+            "timeout": _str(
+                f"Time bound of one run, all requests included (default {default('timeout')}); "
+                "a run cut short is inconclusive.",
+                pattern=DURATION_PATTERN,
+            ),
+            "maxRequests": _int(
+                "Request bound of one run: a golden set needing more (2 per item) is refused "
+                f"and the run is inconclusive (default {default('max_requests')}).",
+                minimum=2,
+            ),
+            "requestTimeout": _str(
+                "Time one request may take; a canary that does not answer in time fails "
+                f"that item (default {default('request_timeout')}).",
+                pattern=DURATION_PATTERN,
+            ),
+            "maxConcurrency": _int(
+                "Requests in flight at once, both variants together "
+                f"(default {default('max_concurrency')}).",
+                minimum=1,
+                maximum=64,
+            ),
+            "ingressURL": _str(
+                f"The OpenAI ingress (default {url}, KubeRay's Serve Service).",
+                pattern=URL_PATTERN,
+                maxLength=2048,
+            ),
+            "inconclusiveLimit": _int(
+                "Inconclusive runs (evaluator errors, a run cut short, an operator restart) "
+                "tried again; one more pauses the rollout until a person promotes or aborts "
+                f"(default {default('inconclusive_limit')}).",
+                minimum=0,
+            ),
+        },
     )
 
 
@@ -237,6 +389,7 @@ def _spec() -> Schema:
                         "and ttft-p95-seconds <= 2.0).",
                         _metric(),
                         minItems=1,
+                        maxItems=MAX_METRICS,
                         **{"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
                     ),
                 },
@@ -253,8 +406,20 @@ def _spec() -> Schema:
             ),
         },
         required=["rayServiceName", "stable", "canary", "steps"],
-        rules=[("self.stable.name != self.canary.name", "stable.name and canary.name must differ")],
+        rules=[
+            ("self.stable.name != self.canary.name", "stable.name and canary.name must differ"),
+            (_STEP_METRICS_KNOWN, "an analysis step names a metric spec.analysis.metrics lacks"),
+        ],
     )
+
+
+_DEFAULT_METRIC_NAMES = ", ".join(f"'{m['name']}'" for m in DEFAULT_METRICS)
+# Each name an analysis step picks is one of spec.analysis.metrics, or of the defaults without it.
+_STEP_METRICS_KNOWN = (
+    "self.steps.all(s, !has(s.analysis) || !has(s.analysis.metrics) || "
+    "s.analysis.metrics.all(n, has(self.analysis) && has(self.analysis.metrics) ? "
+    f"self.analysis.metrics.exists(m, m.name == n) : n in [{_DEFAULT_METRIC_NAMES}]))"
+)
 
 
 def _measurement(description: str) -> Schema:
@@ -282,11 +447,51 @@ def _measurement(description: str) -> Schema:
     )
 
 
+def _evaluation_summary() -> Schema:
+    score = _obj(
+        "One variant's score.",
+        {
+            "variant": _str("Variant name."),
+            "score": _num("Fraction of items passed, 0..1."),
+            "passed": _int("Items passed."),
+            "total": _int("Items asked."),
+            "unanswered": _int("Items without an answer (counted as failed)."),
+        },
+    )
+    return _obj(
+        "The latest finished evaluation run of any step.",
+        {
+            "stepIndex": _int("Step it belongs to."),
+            "attempt": _int("Attempt of that step."),
+            "verdict": _str("Passed, Failed or Inconclusive."),
+            "reason": _str("The verdict in words: both scores, the threshold, failing items."),
+            "time": _str("When it finished (RFC 3339).", format="date-time"),
+            "durationSeconds": _num("How long the run took."),
+            "goldenSet": _obj(
+                "The golden set asked.",
+                {
+                    "name": _str("Set name (its revision is part of it, e.g. -v1)."),
+                    "source": _str("Where it came from: shipped, a file, or a ConfigMap key."),
+                    "items": _int("Items in the set."),
+                    "digest": _str("SHA-256 prefix of the parsed set: its exact version."),
+                },
+            ),
+            "stable": score,
+            "canary": score,
+            "threshold": _num("max(stable score - tolerance, minScore)."),
+            "regressions": _list(
+                "Items the stable passed and the canary failed (the first 20).", _str("Item key.")
+            ),
+            "regressionCount": _int("How many items went from pass to fail."),
+        },
+    )
+
+
 def _status() -> Schema:
     condition = _obj(
         "Kubernetes-style condition.",
         {
-            "type": _str("Ready, Progressing or Analysing."),
+            "type": _str("Ready, Progressing, Analysing or Evaluating."),
             "status": _str("True, False or Unknown.", enum=["True", "False", "Unknown"]),
             "reason": _str("CamelCase reason."),
             "message": _str("Human-readable detail."),
@@ -349,8 +554,38 @@ def _status() -> Schema:
                 },
             ),
             "lastAnalysis": _measurement("Latest measurement of any step."),
+            "evaluation": _obj(
+                "Progress of the running evaluation step.",
+                {
+                    "stepIndex": _int("Step this progress belongs to."),
+                    "attempt": _int("Attempt now running or next to run, from 1."),
+                    "startedAt": _str(
+                        "When the attempt in flight started; absent between attempts.",
+                        format="date-time",
+                    ),
+                    "nextAttemptAt": _str(
+                        "After an inconclusive attempt, when the next one starts.",
+                        format="date-time",
+                    ),
+                    "answered": _int("Requests of the run in flight answered so far."),
+                    "planned": _int("Requests the run in flight sends (2 per item)."),
+                    "inconclusive": _int("Inconclusive attempts so far."),
+                    "halted": {
+                        "type": "boolean",
+                        "description": "Too many inconclusive attempts: waiting for a person.",
+                    },
+                },
+            ),
+            "lastEvaluation": _evaluation_summary(),
+            "shadow": _obj(
+                "Shadow traffic this rollout has set on the ingress; absent when off.",
+                {
+                    "percent": _num("Share of the alias's requests copied to the canary."),
+                    "maxInFlight": _int("Shadow requests in flight at once per ingress replica."),
+                },
+            ),
             "conditions": _list(
-                "Ready, Progressing and Analysing.",
+                "Ready, Progressing, Analysing and Evaluating.",
                 condition,
                 **{"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
             ),

@@ -10,11 +10,16 @@ covers resume after a restart: it starts for every existing ModelRollout.
 
 Order matters for crash safety: the RayService is patched first, status is written after (by kopf,
 from `patch`, to the status subresource). A crash in between repeats an idempotent edit.
+
+An evaluation step runs for minutes, so the timer never waits for it: the run is a background
+task (evaluation/tasks.py) that the timer starts, reads each tick and cancels when the rollout
+moves on; the timer stays the only writer of status.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import random
@@ -22,6 +27,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import kopf
+from kubernetes import client
 from pydantic import ValidationError
 
 from amalia_operator import analysis, kube, serveconfig
@@ -35,6 +41,7 @@ from amalia_operator.constants import (
     TICK_INTERVAL_S,
     VERSION,
 )
+from amalia_operator.evaluation.tasks import EvaluationTasks
 from amalia_operator.models import RolloutSpec, RolloutStatus
 from amalia_operator.patches import merge_patch
 from amalia_operator.rollout import (
@@ -69,7 +76,10 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     # Our explicit events say what happened; kopf's per-log-line events would drown them.
     settings.posting.level = logging.WARNING
     if "rayservices" not in memo:
-        memo["rayservices"] = kube.RayServices(kube.custom_objects_api())
+        api = kube.api_client()
+        memo["rayservices"] = kube.RayServices(client.CustomObjectsApi(api))
+        read = functools.partial(kube.read_config_map_key, client.CoreV1Api(api))
+        memo["evaluations"] = EvaluationTasks(read)
 
 
 @kopf.timer(GROUP, VERSION, PLURAL, id="rollout", interval=TICK_INTERVAL_S)
@@ -95,15 +105,23 @@ async def tick(
             patch.status["message"] = message
         return
     rayservices: kube.RayServices = memo["rayservices"]
+    evaluations: EvaluationTasks = memo["evaluations"]
+    uid = str(meta.get("uid"))
     obj = await asyncio.to_thread(rayservices.read, namespace, rollout.ray_service_name)
     now = datetime.now(UTC)
     measurement = None
     if measurement_due(rollout, current, now):
         variant = current.canary_name or rollout.canary.name
-        measurement = await analysis.measure(rollout.analysis, variant, now)
+        metrics = rollout.metrics_for(rollout.steps[current.step_index])
+        measurement = await analysis.measure(rollout.analysis, variant, now, metrics)
     raw_action = meta.annotations.get(ACTION_ANNOTATION)
     action: Action | None = raw_action if raw_action in ACTIONS else None
-    observations = Observations(kube.observe(obj, rollout.application), measurement, action)
+    observations = Observations(
+        kube.observe(obj, rollout.application),
+        measurement,
+        action,
+        evaluations.report(uid, rollout, current),
+    )
     decision = advance(rollout, int(meta.get("generation") or 0), current, observations, now)
 
     weights = observations.serve.weights if observations.serve is not None else None
@@ -132,6 +150,7 @@ async def tick(
         )
     if weights is not None:
         decision.status.weights = weights
+    evaluations.sync(uid, rollout, decision.status, namespace)
 
     _record(decision, current, patch, raw_action, body, logger)
 

@@ -173,14 +173,29 @@ def ensure_peering(api: client.CustomObjectsApi, name: str, namespaces: list[str
         logger.info("created %s %s%s", kind, f"{namespace}/" if namespace else "", name)
 
 
-def custom_objects_api() -> client.CustomObjectsApi:
+def read_config_map_key(api: client.CoreV1Api, namespace: str, name: str, key: str) -> str:
+    """One key of a ConfigMap (a golden set); LookupError says what is missing or refused."""
+    try:
+        config_map = api.read_namespaced_config_map(name, namespace)
+    except ApiException as exc:
+        raise LookupError(f"ConfigMap {namespace}/{name}: {exc.status} {exc.reason}") from None
+    data = config_map.data or {}
+    if key not in data:
+        raise LookupError(f"ConfigMap {namespace}/{name} has no key {key!r} (keys: {sorted(data)})")
+    return str(data[key])
+
+
+def api_client() -> client.ApiClient:
     """In-cluster service account when running in a pod, else the current kubeconfig context."""
     try:
         config.load_incluster_config()  # type: ignore[no-untyped-call]
     except config.ConfigException:
         # The client reads $KUBECONFIG once at import; read it now so a late-set value counts.
-        api_client = config.new_client_from_config(  # type: ignore[no-untyped-call]
+        return config.new_client_from_config(  # type: ignore[no-any-return,no-untyped-call]
             os.getenv("KUBECONFIG")
         )
-        return client.CustomObjectsApi(api_client)
-    return client.CustomObjectsApi()
+    return client.ApiClient()
+
+
+def custom_objects_api() -> client.CustomObjectsApi:
+    return client.CustomObjectsApi(api_client())

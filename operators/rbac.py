@@ -24,6 +24,9 @@ RULES: list[dict[str, list[str]]] = [
     {"apiGroups": [GROUP], "resources": [f"{PLURAL}/status"], "verbs": ["get", "patch"]},
     # kube.py reads the RayService and patches spec.serveConfigV2 (resourceVersion-guarded).
     {"apiGroups": [RAY_GROUP], "resources": [RAY_PLURAL], "verbs": ["get", "patch"]},
+    # An evaluation step's golden set from a ConfigMap (`goldenSet.configMapRef`), read by name
+    # in the rollout's namespace (kube.read_config_map_key); never listed or watched.
+    {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get"]},
     # kopf.event(): Normal/Warning events about promotions and rollbacks.
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
     # kopf peering: replicas announce themselves; the highest priority one works. The operator

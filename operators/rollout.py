@@ -2,11 +2,12 @@
 make.
 
 Pure: no kopf, no kubernetes, no clock, no network. Every input that changes over time (the
-RayService's variants, weights and deployment health, a Prometheus measurement, a person's action,
-the time) comes in as an argument, so every path is unit-tested in milliseconds and a restarted
-operator that re-reads the same status makes the same decision. Edits are idempotent
-(add-if-missing, set weights, remove-if-present), so repeating one after a crash between "RayService
-patched" and "status written" is harmless.
+RayService's variants, weights and deployment health, a Prometheus measurement, what is known of an
+evaluation run, a person's action, the time) comes in as an argument, so every path is unit-tested
+in milliseconds and a restarted operator that re-reads the same status makes the same decision.
+Edits are idempotent (add-if-missing, set weights and shadow, remove-if-present), so repeating one
+after a crash between "RayService patched" and "status written" is harmless. The evaluation step's
+own attempts are decided in evaluation/attempts.py.
 
 Stages (kept in status.stage): Deploying -> Stepping (steps[stepIndex]) -> Promoting -> Promoted, or
 at any point RollingBack -> RolledBack. Conditions are computed from the stage; `phase` is derived
@@ -25,15 +26,20 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Literal
 
+from amalia_operator.evaluation.attempts import EvaluationReport, advance_attempt, current_progress
 from amalia_operator.models import (
     AnalysisProgress,
     Condition,
+    EvaluationProgress,
     Measurement,
     RolloutSpec,
     RolloutStatus,
+    ShadowStatus,
     Stage,
     Step,
     parse_duration,
+    parse_time,
+    rfc3339,
 )
 
 Action = Literal["promote", "abort", "retry"]
@@ -63,13 +69,17 @@ class Observations:
     serve: ServeObservation | None
     measurement: Measurement | None = None
     action: Action | None = None
+    # What this process knows of the evaluation run status.evaluation names (None: no such run).
+    evaluation: EvaluationReport | None = None
 
 
 @dataclass(frozen=True)
 class ServeEdit:
     """Desired change to serveConfigV2: ensure the canary's application, give the canary
     `canary_percent`% of the share the rollout owns, and drop the `remove` variants (their weight
-    first, their application on a repeat of the edit once the weight is gone).
+    first, their application on a repeat of the edit once the weight is gone). `shadow` is the
+    shadow traffic to the canary; None turns off a shadow to a variant the rollout owns (and
+    leaves one to any other variant alone).
 
     The rollout owns the weights of `stable`, `canary` and the removed variants; the concrete
     weights are computed from the live split when the edit is applied (`split_weights`), so a
@@ -81,6 +91,7 @@ class ServeEdit:
     canary_percent: int
     add_canary: bool = False
     remove: tuple[str, ...] = ()
+    shadow: ShadowStatus | None = None
 
     @property
     def owned(self) -> tuple[str, ...]:
@@ -124,14 +135,6 @@ class Decision:
     action_consumed: bool = False
 
 
-def rfc3339(now: datetime) -> str:
-    return now.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def parse_time(text: str) -> datetime:
-    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
-
-
 def rollout_hash(spec: RolloutSpec) -> str:
     """Identifies the intent (variants and steps); analysis tuning may change in flight."""
     intent = {
@@ -147,6 +150,12 @@ def describe_step(step: Step) -> str:
         return f"setWeight {step.set_weight}"
     if step.pause is not None:
         return f"pause {step.pause.duration}" if step.pause.duration else "pause until promoted"
+    if step.evaluation is not None:
+        ref = step.evaluation.golden_set.config_map_ref
+        where = f"ConfigMap {ref.name} key {ref.key}" if ref else step.evaluation.golden_set.name
+        return f"evaluation on {where}"
+    if step.shadow is not None:
+        return f"shadow {step.shadow.percent:g}%"
     return str(step.kind)
 
 
@@ -260,6 +269,7 @@ class _Tick:
             canary_name=stale or self.spec.canary.name,
             conditions=old.conditions,
             last_analysis=old.last_analysis,
+            last_evaluation=old.last_evaluation,
         )
         self._enter("Deploying", f"deploying canary {self.spec.canary.name}")
         if restart:
@@ -290,6 +300,8 @@ class _Tick:
                 self._next_step(f"pause at step {index} promoted by a person")
             elif _halted(self.status):
                 self._next_step(f"inconclusive analysis at step {index} accepted by a person")
+            elif _evaluation_halted(self.status):
+                self._next_step(f"inconclusive evaluation at step {index} accepted by a person")
             else:
                 self._promote("promoted in full by a person")
             return True
@@ -354,8 +366,50 @@ class _Tick:
             )
         elif step.pause is not None:
             self._paused(step.pause.duration)
+        elif step.shadow is not None:
+            self._shadow(step.shadow.percent, step.shadow.max_in_flight)
+        elif step.evaluation is not None:
+            self._evaluation(step)
         else:
             self._analysis(step)
+
+    def _shadow(self, percent: float, max_in_flight: int) -> None:
+        """Copies `percent`% of the alias's requests to the canary (0 turns it off); the weights
+        stay as they are."""
+        on = percent > 0
+        self.status.shadow = (
+            ShadowStatus(percent=percent, max_in_flight=max_in_flight) if on else None
+        )
+        self.edit = self._weights_edit(self.status.canary_weight)
+        # What the canary answers changed as much as with a weight: analysis waits initialDelay.
+        self.status.weight_changed_at = rfc3339(self.now)
+        canary = self.spec.canary.name
+        self._next_step(
+            f"{percent:g}% of the requests copied to canary {canary} as shadow traffic "
+            f"(at most {max_in_flight} in flight)"
+            if on
+            else f"shadow traffic to canary {canary} off"
+        )
+
+    def _evaluation(self, step: Step) -> None:
+        assert step.evaluation is not None
+        index = self.status.step_index
+        progress = current_progress(self.status)
+        if progress is None:
+            progress = self.status.evaluation = EvaluationProgress(step_index=index)
+        if progress.halted:
+            return  # the message set when it halted still says what to do
+        outcome = advance_attempt(step.evaluation, progress, self.obs.evaluation, self.now)
+        if outcome.summary is not None:
+            self.status.last_evaluation = outcome.summary
+        if outcome.next == "pass":
+            self._next_step(outcome.message)
+        elif outcome.next == "fail":
+            self._rollback("EvaluationFailed", outcome.message)
+        else:
+            self.status.message = outcome.message
+            if outcome.next == "halt":
+                self.events.append(Event("Warning", "EvaluationInconclusive", outcome.message))
 
     def _paused(self, duration: str | None) -> None:
         if duration is None:
@@ -452,6 +506,7 @@ class _Tick:
 
     def _promote(self, message: str) -> None:
         self._enter("Promoting", message)
+        self._stop_extras()
         self.status.step_index = len(self.spec.steps)
         self.status.canary_weight = 100
         self.status.weight_changed_at = rfc3339(self.now)
@@ -460,10 +515,18 @@ class _Tick:
 
     def _rollback(self, reason: str, message: str) -> None:
         self._enter("RollingBack", message)
+        self._stop_extras()
         self.status.canary_weight = 0
         self.status.weight_changed_at = rfc3339(self.now)
         self.edit = self._weights_edit(0)
         self.events.append(Event("Warning", reason, f"rolled back: {message}"))
+
+    def _stop_extras(self) -> None:
+        """Leaving the steps: no shadow traffic stays behind (the next edit clears it), and an
+        evaluation run in flight is dropped (the operator cancels it)."""
+        self.status.shadow = None
+        if self.status.evaluation is not None:
+            self.status.evaluation.started_at = None
 
     def _fail(self, reason: str, message: str) -> None:
         self._enter("Failed", message)
@@ -508,7 +571,12 @@ class _Tick:
         if stale is not None and stale not in remove:
             remove = (*remove, stale)
         return ServeEdit(
-            self.spec.stable.name, self.spec.canary.name, canary_percent, add_canary, remove
+            self.spec.stable.name,
+            self.spec.canary.name,
+            canary_percent,
+            add_canary,
+            remove,
+            self.status.shadow,
         )
 
 
@@ -541,12 +609,14 @@ def _conditions(spec: RolloutSpec, status: RolloutStatus) -> list[Condition]:
             progressing = ("Unknown", "Paused")
         elif _running_analysis(spec, status) and _halted(status):
             progressing = ("Unknown", "AnalysisInconclusive")
+        elif _evaluation_halted(status):
+            progressing = ("Unknown", "EvaluationInconclusive")
         else:
             progressing = ("True", "StepRunning")
     out = [_cond("Ready", *ready, msg), _cond("Progressing", *progressing, msg)]
-    analysing = _analysing(spec, status)
-    if analysing is not None:
-        out.append(analysing)
+    for extra in (_analysing(spec, status), _evaluating(spec, status)):
+        if extra is not None:
+            out.append(extra)
     return out
 
 
@@ -567,6 +637,30 @@ def _current_analysis(status: RolloutStatus) -> AnalysisProgress | None:
 def _halted(status: RolloutStatus) -> bool:
     progress = _current_analysis(status)
     return progress is not None and progress.halted
+
+
+def _evaluation_halted(status: RolloutStatus) -> bool:
+    progress = current_progress(status)
+    return status.stage == "Stepping" and progress is not None and progress.halted
+
+
+def _evaluating(spec: RolloutSpec, status: RolloutStatus) -> Condition | None:
+    """True while an evaluation step runs, Unknown while one waits for a person, then False with
+    the last verdict as its reason."""
+    index = status.step_index
+    running = (
+        status.stage == "Stepping"
+        and index < len(spec.steps)
+        and spec.steps[index].evaluation is not None
+    )
+    if running:
+        if _evaluation_halted(status):
+            return _cond("Evaluating", "Unknown", "Inconclusive", status.message)
+        return _cond("Evaluating", "True", "Running", f"evaluation at step {index}")
+    last = status.last_evaluation
+    if last is None:
+        return None
+    return _cond("Evaluating", "False", last.verdict, last.reason)
 
 
 def _analysing(spec: RolloutSpec, status: RolloutStatus) -> Condition | None:

@@ -33,10 +33,16 @@ class ServeConfigError(ValueError):
     """The serveConfigV2 does not have the shape the operator needs to edit."""
 
 
+# The ingress user_config key of shadow traffic: `{variant, percent, max_in_flight}`; absent or
+# null is off (the serving side's contract).
+SHADOW_KEY = "shadow"
+
+
 @dataclass(frozen=True)
 class AppView:
     variants: tuple[str, ...]
     weights: dict[str, int]
+    shadow: dict[str, Any] | None = None
 
 
 def observe(text: str, app: str) -> AppView:
@@ -51,9 +57,10 @@ def observe(text: str, app: str) -> AppView:
     variants = tuple(a["name"] for a in _variant_apps(doc))
     for dep in front.get("deployments") or []:
         if dep.get("name") == INGRESS_DEPLOYMENT_NAME:
-            weights = (dep.get("user_config") or {}).get("weights")
+            user_config = dep.get("user_config") or {}
+            weights, shadow = user_config.get("weights"), user_config.get(SHADOW_KEY)
             if weights is not None:
-                return AppView(variants, dict(weights))
+                return AppView(variants, dict(weights), shadow)
     routing = (front.get("args") or {}).get("routing") or {}
     return AppView(variants, dict(routing.get("weights") or {}))
 
@@ -78,6 +85,13 @@ def apply_edit(text: str, app: str, edit: ServeEdit, canary: CanaryVariant) -> s
     text = set_weights(text, app, weights)
     for name in edit.remove:
         text = _drop_from_routing_weights(text, app, name, weights)
+    shadow = edit.shadow
+    if shadow is not None:
+        wanted = {"variant": edit.canary, "percent": shadow.percent,
+                  "max_in_flight": shadow.max_in_flight}  # fmt: skip
+        return set_shadow(text, app, wanted)
+    if (view.shadow or {}).get("variant") in edit.owned:
+        return set_shadow(text, app, None)
     return text
 
 
@@ -150,6 +164,39 @@ def set_weights(text: str, app: str, weights: dict[str, int]) -> str:
     if _value(current) == weights:
         return text
     return _replace(text, current, weights)
+
+
+def set_shadow(text: str, app: str, shadow: dict[str, Any] | None) -> str:
+    """Sets `deployments[name=AmaliaIngress].user_config.shadow`, or removes the key with None
+    (rather than writing null: the config then reads as it did before any shadow). Expects the
+    ingress entry and its user_config, which set_weights makes."""
+    user_config = _ingress_user_config(yaml.compose(text), app)
+    if user_config is None:
+        if shadow is None:
+            return text
+        raise ServeConfigError(f"application {app!r} has no {INGRESS_DEPLOYMENT_NAME} user_config")
+    current = _get(user_config, SHADOW_KEY)
+    if shadow is None:
+        return text if current is None else _remove_key(text, user_config, SHADOW_KEY)
+    if current is None:
+        return _insert_key(text, user_config, SHADOW_KEY, shadow)
+    if _value(current) == shadow:
+        return text
+    return _replace(text, current, shadow)
+
+
+def _ingress_user_config(root: Node | None, app: str) -> MappingNode | None:
+    deployments = _get(_app_node(root, app), "deployments")
+    if not isinstance(deployments, SequenceNode):
+        return None
+    for entry in deployments.value:
+        if (
+            isinstance(entry, MappingNode)
+            and _scalar(_get(entry, "name")) == INGRESS_DEPLOYMENT_NAME
+        ):
+            user_config = _get(entry, "user_config")
+            return user_config if isinstance(user_config, MappingNode) else None
+    return None
 
 
 def _drop_from_routing_weights(text: str, app: str, removed: str, weights: dict[str, int]) -> str:
@@ -275,6 +322,18 @@ def _append_item(text: str, seq: SequenceNode, value: Any) -> str:
     pos = _line_end(text, _end(seq))
     item = _render(value, column + 2, flow=False)
     return text[:pos] + "\n" + " " * column + "- " + item + text[pos:]
+
+
+def _remove_key(text: str, mapping: MappingNode, key: str) -> str:
+    """Drops `key` from `mapping`: its lines in a block mapping, else the mapping re-rendered."""
+    pair = next(p for p in mapping.value if _scalar(p[0]) == key)
+    line_start = text.rfind("\n", 0, _start(pair[0])) + 1
+    if _is_flow(mapping) or len(mapping.value) == 1 or text[line_start : _start(pair[0])].strip():
+        data = _value(mapping)
+        del data[key]
+        return _replace(text, mapping, data)
+    line_end = _line_end(text, _end(pair[1]))
+    return text[:line_start] + text[min(line_end + 1, len(text)) :]
 
 
 def _remove_item(text: str, seq: SequenceNode, index: int) -> str:

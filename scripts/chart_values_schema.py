@@ -375,6 +375,11 @@ def values_schema() -> Schema:
                         "resources": RESOURCES,
                         "nodeSelector": STRING_MAP,
                         "tolerations": K8S_LIST,
+                        "goldenSetConfigMaps": {
+                            "type": "array",
+                            "uniqueItems": True,
+                            "items": string(pattern=K8S_SUBDOMAIN_PATTERN, maxLength=253),
+                        },
                     }
                 ),
                 "tests": obj({"image": string(), "maxTokens": integer(1)}),

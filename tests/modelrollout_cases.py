@@ -39,7 +39,19 @@ class Case:
     server: str  # in the API server's message
 
 
-STEP_ONE_OF = "a step must set exactly one of setWeight, pause, analysis"
+STEP_ONE_OF = "a step must set exactly one of setWeight, pause, analysis, evaluation, shadow"
+STEP_METRICS = "an analysis step names a metric spec.analysis.metrics lacks"
+GOLDEN_ONE_OF = "a golden set is given by exactly one of name and configMapRef"
+
+
+def evaluation(**fields: Any) -> dict[str, Any]:
+    return with_spec(steps=[{"evaluation": fields}])
+
+
+def shadow(**fields: Any) -> dict[str, Any]:
+    return with_spec(steps=[{"shadow": fields}])
+
+
 BAD: list[Case] = [
     Case(
         "weight above 100",
@@ -138,5 +150,101 @@ BAD: list[Case] = [
         with_spec(analysis={"outageLimit": "10"}),
         "does not match",
         "spec.analysis.outageLimit in body should match",
+    ),
+    # --- evaluation steps ---
+    Case(
+        "golden set by name and configmap",
+        evaluation(goldenSet={"name": "pt-pt-core-v1", "configMapRef": {"name": "g", "key": "k"}}),
+        GOLDEN_ONE_OF,
+        GOLDEN_ONE_OF,
+    ),
+    Case("golden set empty", evaluation(goldenSet={}), GOLDEN_ONE_OF, GOLDEN_ONE_OF),
+    Case(
+        "golden set configmap without key",
+        evaluation(goldenSet={"configMapRef": {"name": "g"}}),
+        "'key' is a required property",
+        "spec.steps[0].evaluation.goldenSet.configMapRef.key: Required value",
+    ),
+    Case(
+        "tolerance above 1",
+        evaluation(tolerance=1.5),
+        "maximum of 1",
+        "spec.steps[0].evaluation.tolerance in body should be less than or equal to 1",
+    ),
+    Case(
+        "negative min score",
+        evaluation(minScore=-0.1),
+        "minimum of 0",
+        "spec.steps[0].evaluation.minScore in body should be greater than or equal to 0",
+    ),
+    Case(
+        "max requests below 2",
+        evaluation(maxRequests=1),
+        "minimum of 2",
+        "spec.steps[0].evaluation.maxRequests in body should be greater than or equal to 2",
+    ),
+    Case(
+        "bad evaluation timeout",
+        evaluation(timeout="half an hour"),
+        "does not match",
+        "spec.steps[0].evaluation.timeout in body should match",
+    ),
+    Case(
+        "ingress url without scheme",
+        evaluation(ingressURL="amalia-serve-svc:8000"),
+        "does not match",
+        "spec.steps[0].evaluation.ingressURL in body should match",
+    ),
+    # --- shadow steps ---
+    Case(
+        "shadow above 100",
+        shadow(percent=100.5),
+        "maximum of 100",
+        "spec.steps[0].shadow.percent in body should be less than or equal to 100",
+    ),
+    Case(
+        "shadow without percent",
+        shadow(maxInFlight=4),
+        "'percent' is a required property",
+        "spec.steps[0].shadow.percent: Required value",
+    ),
+    Case(
+        "shadow with no room in flight",
+        shadow(percent=10, maxInFlight=0),
+        "minimum of 1",
+        "spec.steps[0].shadow.maxInFlight in body should be greater than or equal to 1",
+    ),
+    Case(
+        "step with evaluation and shadow",
+        with_spec(steps=[{"evaluation": {}, "shadow": {"percent": 5}}]),
+        STEP_ONE_OF,
+        STEP_ONE_OF,
+    ),
+    # --- analysis of shadow traffic ---
+    Case(
+        "analysis step names an undefined metric",
+        with_spec(steps=[{"analysis": {"metrics": ["shadow-error-rate"]}}]),
+        STEP_METRICS,
+        STEP_METRICS,
+    ),
+    Case(
+        "analysis step names a default metric without spec metrics",
+        {
+            **GOOD,
+            "spec": {
+                **{k: v for k, v in GOOD["spec"].items() if k != "analysis"},
+                "steps": [{"analysis": {"metrics": ["no-such-metric"]}}],
+            },
+        },
+        STEP_METRICS,
+        STEP_METRICS,
+    ),
+    Case(
+        "source on a built-in metric",
+        with_spec(
+            analysis={"metrics": [{"name": "shadow-error-rate", "max": 1, "source": "live"}]}
+        ),
+        "metric source is for custom queries",
+        "metric source is for custom queries",
     ),
 ]

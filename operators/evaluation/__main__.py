@@ -14,13 +14,14 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
+from amalia_operator.constants import DEFAULT_MIN_SCORE, DEFAULT_TOLERANCE
 from amalia_operator.evaluation.goldenset import (
     DEFAULT_DIRS,
     GoldenSetError,
     find_golden_sets,
     load_golden_set,
 )
-from amalia_operator.evaluation.judge import DEFAULT_FLOOR, DEFAULT_TOLERANCE, judge
+from amalia_operator.evaluation.judge import judge
 from amalia_operator.evaluation.result import EvaluationResult, VariantScore
 from amalia_operator.evaluation.runner import EvaluationRun, evaluate
 
@@ -77,8 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--request-timeout-s", type=float, default=60.0)
     run.add_argument("--max-concurrency", type=int, default=4)
     run.add_argument("--budget-s", type=float, default=600.0)
+    run.add_argument(
+        "--max-requests", type=int, default=None, help="refuse sets that need more (2 per item)"
+    )
     run.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE)
-    run.add_argument("--floor", type=float, default=DEFAULT_FLOOR)
+    run.add_argument("--floor", type=float, default=DEFAULT_MIN_SCORE)
     run.add_argument("--json", action="store_true", help="print the whole result as JSON too")
     return parser
 
@@ -102,6 +106,7 @@ def main(argv: list[str] | None = None, out: TextIO = sys.stdout) -> int:
         request_timeout_s=args.request_timeout_s,
         max_concurrency=args.max_concurrency,
         budget_s=args.budget_s,
+        max_requests=args.max_requests,
     )
     result = asyncio.run(evaluate(settings, dirs))
     if args.json:

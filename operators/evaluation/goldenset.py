@@ -8,6 +8,7 @@ mounted into the operator pod; docs/evaluation.md).
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections import Counter
 from collections.abc import Sequence
@@ -18,9 +19,8 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from amalia_operator.evaluation.checks import Check
-from amalia_operator.models import WireModel
+from amalia_operator.models import SLUG_PATTERN, GoldenSetInfo, WireModel
 
-SLUG_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
 DEFAULT_MAX_TOKENS = 128
 PACKAGED_DIR = Path(__file__).parent / "goldensets"
 # Directories of team sets, separated like PATH; a missing directory is skipped (no ConfigMap).
@@ -170,6 +170,17 @@ def find_golden_sets(dirs: Sequence[Path]) -> dict[str, Path]:
 
 def load_golden_sets(names: Sequence[str], dirs: Sequence[Path] = DEFAULT_DIRS) -> list[GoldenSet]:
     """The named sets, in order; GoldenSetError names the first one that is missing or bad."""
+    return [golden for golden, _ in _load_named(names, dirs)]
+
+
+def load_named_golden_set(name: str, dirs: Sequence[Path] = DEFAULT_DIRS) -> tuple[GoldenSet, str]:
+    """One set by name, with a description of where it was found: `shipped` for the operator's
+    own sets, else its file."""
+    ((golden, path),) = _load_named([name], dirs)
+    return golden, "shipped" if path.parent == PACKAGED_DIR else str(path)
+
+
+def _load_named(names: Sequence[str], dirs: Sequence[Path]) -> list[tuple[GoldenSet, Path]]:
     if not names:
         raise GoldenSetError("no golden set named")
     available = find_golden_sets(dirs)
@@ -179,4 +190,16 @@ def load_golden_sets(names: Sequence[str], dirs: Sequence[Path] = DEFAULT_DIRS) 
             f"golden sets not found: {missing}; available: {sorted(available)} "
             f"(searched {[str(d) for d in dirs]})"
         )
-    return [load_golden_set(available[n]) for n in dict.fromkeys(names)]
+    return [(load_golden_set(available[n]), available[n]) for n in dict.fromkeys(names)]
+
+
+def golden_set_info(golden: GoldenSet, source: str) -> GoldenSetInfo:
+    """Name, source, size and a digest (12 hex digits of SHA-256 over the parsed set, so
+    formatting and comments do not change it, and any change of an item does)."""
+    canonical = golden.model_dump_json(by_alias=True).encode()
+    return GoldenSetInfo(
+        name=golden.name,
+        source=source,
+        items=len(golden.items),
+        digest=hashlib.sha256(canonical).hexdigest()[:12],
+    )

@@ -15,9 +15,6 @@ from typing import Literal
 from amalia_operator.evaluation.result import EvaluationResult
 
 Verdict = Literal["Passed", "Failed", "Inconclusive"]
-# How far below the stable's score the canary may land, and the score it must reach regardless.
-DEFAULT_TOLERANCE = 0.05
-DEFAULT_FLOOR = 0.0
 # Item ids named in a reason; the rest are counted ("and 7 more").
 SHOWN_ITEMS = 5
 # Scores are fractions of item counts; this keeps 0.85 - 0.05 from landing a hair above 0.8.

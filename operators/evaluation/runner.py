@@ -3,7 +3,8 @@
 Each request pins its variant by `model` (the variant's name: the ingress routes a variant name to
 that variant whatever its weight) and is greedy and seeded, so a rerun asks the same questions the
 same way. Requests run at most `maxConcurrency` at a time, each bounded by `requestTimeoutS`, the
-whole run by `budgetS`.
+whole run by `budgetS`, and a run whose golden sets need more than `maxRequests` requests is not
+started at all.
 
 Who is to blame when there is no answer:
 - the variant, when the ingress answers for it with a non-2xx status, does not answer in time, or
@@ -56,12 +57,23 @@ class EvaluationRun(WireModel):
     request_timeout_s: float = Field(60.0, gt=0)
     max_concurrency: int = Field(4, ge=1, le=64)
     budget_s: float = Field(600.0, gt=0, description="The whole run, all requests included.")
+    max_requests: int | None = Field(
+        None, ge=2, description="Refuse golden sets that need more requests (2 per item)."
+    )
 
     @model_validator(mode="after")
     def _distinct(self) -> EvaluationRun:
         if self.stable == self.canary:
             raise ValueError("stable and canary must differ")
         return self
+
+
+@dataclass
+class Progress:
+    """Requests of a run answered so far (both variants together), for whoever watches it."""
+
+    answered: int = 0
+    planned: int = 0
 
 
 @dataclass(frozen=True)
@@ -150,10 +162,21 @@ def _attempt(item: Item, reply: _Reply) -> Attempt:
     )
 
 
-async def ask(run: EvaluationRun, golden_sets: Sequence[GoldenSet]) -> EvaluationResult:
-    """Asks every item of `golden_sets` of both variants and scores the answers."""
+async def ask(
+    run: EvaluationRun, golden_sets: Sequence[GoldenSet], progress: Progress | None = None
+) -> EvaluationResult:
+    """Asks every item of `golden_sets` of both variants and scores the answers; `progress`
+    counts the answers as they come."""
     started = time.monotonic()
     plan = [(golden, item) for golden in golden_sets for item in golden.items]
+    progress = progress or Progress()
+    progress.answered, progress.planned = 0, 2 * len(plan)
+    if run.max_requests is not None and progress.planned > run.max_requests:
+        error = (
+            f"the golden sets need {progress.planned} requests ({len(plan)} items, 2 each), "
+            f"more than maxRequests {run.max_requests}"
+        )
+        return summarise(run.stable, run.canary, [], len(plan), 0.0, [error])
     url = run.base_url.rstrip("/") + "/v1/chat/completions"
     gate = asyncio.Semaphore(run.max_concurrency)
     timeout = aiohttp.ClientTimeout(total=run.request_timeout_s)
@@ -170,7 +193,9 @@ async def ask(run: EvaluationRun, golden_sets: Sequence[GoldenSet]) -> Evaluatio
                 "max_tokens": golden.max_tokens_for(item),
             }
             async with gate:  # the latency clock starts once the request may go
-                return await _post(session, url, variant, payload, run.request_timeout_s)
+                reply = await _post(session, url, variant, payload, run.request_timeout_s)
+            progress.answered += 1
+            return reply
 
         # Stable and canary of one item side by side, so a budget that runs out leaves both
         # variants equally far; the semaphore wakes waiters in this order.

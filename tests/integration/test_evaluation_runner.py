@@ -1,22 +1,34 @@
-"""The evaluation run against a real Ray Serve with the two demo variants.
+"""The evaluation run against a real Ray Serve with the two demo variants, and the operator's
+evaluation step rolling out canaries on that same Serve.
 
-The demo checkpoints are tiny random models, so they fail nearly every golden-set item: these tests
-prove the mechanics (pinning by model name, seeded reruns giving the same scores, counting, time
-bounds, a canary that cannot answer vs an ingress that cannot be reached), not answer quality.
+The demo checkpoints are tiny random models, so they fail nearly every item of pt-pt-core-v1: the
+run tests prove the mechanics (pinning by model name, seeded reruns giving the same scores,
+counting, time bounds, a canary that cannot answer vs an ingress that cannot be reached), not answer
+quality. The rollout tests use a golden set whose items the demo stable does answer (a few words to
+short prompts), and canaries the operator adds itself from the stable's application: one whose
+engine (a 64-token context) cannot answer the longer items, rolled back by the step; one on the
+stable's own checkpoint, which answers exactly as the stable and passes.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from serve_harness import RunningServe, demo_app_config, free_port, running_serve
 
+from amalia_operator import kube, serveconfig
 from amalia_operator.evaluation import EvaluationResult, GoldenSet, judge, load_golden_sets
 from amalia_operator.evaluation.runner import EvaluationRun, ask
+from amalia_operator.evaluation.tasks import EvaluationTasks
+from amalia_operator.models import CanaryVariant, RolloutSpec, RolloutStatus
+from amalia_operator.rollout import Event, Observations, ServeEdit, ServeObservation, advance
 
 pytestmark = [pytest.mark.integration, pytest.mark.demo_variants, pytest.mark.timeout(900)]
 
@@ -54,9 +66,14 @@ PROBE = GoldenSet.model_validate(
 
 
 @pytest.fixture(scope="module")
-def served(demo_checkpoints: tuple[Path, Path]) -> Iterator[RunningServe]:
+def served_config(demo_checkpoints: tuple[Path, Path]) -> dict[str, Any]:
     sft, dpo = demo_checkpoints
-    with running_serve(demo_app_config(sft, dpo, free_port())) as serve:
+    return demo_app_config(sft, dpo, free_port())
+
+
+@pytest.fixture(scope="module")
+def served(served_config: dict[str, Any]) -> Iterator[RunningServe]:
+    with running_serve(served_config) as serve:
         yield serve
 
 
@@ -161,3 +178,200 @@ async def test_evaluation_is_inconclusive_when_ingress_is_unreachable(
     assert result.items == []
     assert result.errors and result.errors[0].startswith("ingress unreachable")
     assert judge(result, tolerance=0.05, floor=0.0).verdict == "Inconclusive"
+
+
+# === the operator's evaluation step on this Serve ===
+NS, UID = "amalia", "rollout-under-test"
+# A golden set the demo stable answers: at least three words to each prompt (seen: 8 to 19, greedy;
+# a prompt it answered with one run of underscores is left out). With the set's own short system
+# message (the variant's default one is ~65 tokens), the demo tokenizer makes the short prompts
+# 32-37 tokens and the long ones 51 and 64: with 24 answer tokens, a 64-token context holds the
+# first, never the second.
+SHORT_PROMPTS = ["Olá!", "Bom dia!", "Boa noite!"]
+LONG_PROMPTS = [
+    "Escreve uma frase sobre Lisboa e o rio Tejo, por favor.",
+    "Descreve em poucas palavras o que se vê da janela de um comboio entre Lisboa e o Porto.",
+]
+CANARY_CONTEXT = 64
+DEMO_SET = yaml.safe_dump(
+    {
+        "apiVersion": "evaluation.amalia.pt/v1",
+        "kind": "GoldenSet",
+        "name": "demo-answers-v1",
+        "system": "Responde em português europeu.",
+        "maxTokens": 24,
+        "items": [
+            {
+                "id": f"{kind}-{n}",
+                "category": kind,
+                "prompt": prompt,
+                "check": {"type": "words", "min": 3},
+                "goodAnswers": ["uma resposta curta"],
+                "badAnswers": ["sim"],
+            }
+            for kind, prompts in (("curta", SHORT_PROMPTS), ("longa", LONG_PROMPTS))
+            for n, prompt in enumerate(prompts)
+        ],
+    },
+    allow_unicode=True,
+)
+
+
+def read_config_map(namespace: str, name: str, key: str) -> str:
+    """The ConfigMap `goldensets` of the rollout's namespace, as the Kubernetes API would return
+    its key (the real API read is tested on a kube-apiserver, tests/integration/k8s)."""
+    assert (namespace, name, key) == (NS, "goldensets", "demo-answers-v1.yaml")
+    return DEMO_SET
+
+
+class ServeAsRayService:
+    """KubeRay's part for the operator, on the module's running Serve: each serveConfigV2 the
+    operator writes is deployed (as KubeRay submits it), and Serve's own application statuses are
+    shown the way KubeRay writes them into RayService.status."""
+
+    def __init__(self, config: dict[str, Any]):
+        self.text = yaml.safe_dump(config, sort_keys=False)
+        self.deployed: list[dict[str, Any]] = []
+
+    def observe(self) -> ServeObservation | None:
+        from ray import serve
+
+        statuses = {
+            name: {
+                "status": app.status.value,
+                "serveDeploymentStatuses": {
+                    d: {"status": dep.status.value} for d, dep in app.deployments.items()
+                },
+            }
+            for name, app in serve.status().applications.items()
+        }
+        rayservice = {
+            "spec": {"serveConfigV2": self.text},
+            "status": {"activeServiceStatus": {"applicationStatuses": statuses}},
+        }
+        return kube.observe(rayservice, "amalia")
+
+    def apply(self, edit: ServeEdit, canary: CanaryVariant) -> None:
+        from amalia_serve.local_run import deploy_config
+
+        text = serveconfig.apply_edit(self.text, "amalia", edit, canary)
+        if text != self.text:
+            self.text = text
+            self.deployed.append(yaml.safe_load(text))
+            deploy_config(self.deployed[-1])
+
+
+def rollout_spec(served: RunningServe, canary: dict[str, Any]) -> RolloutSpec:
+    evaluation = {
+        "goldenSet": {"configMapRef": {"name": "goldensets", "key": "demo-answers-v1.yaml"}},
+        "tolerance": 0.0,
+        "minScore": 0.5,
+        "ingressURL": served.base_url,
+        "timeout": "3m",
+        "requestTimeout": "60s",
+        "inconclusiveLimit": 0,
+    }
+    return RolloutSpec.model_validate(
+        {
+            "rayServiceName": "amalia",
+            "stable": {"name": "amalia-sft", "modelPath": "/unused"},
+            "canary": canary,
+            "steps": [{"evaluation": evaluation}, {"pause": {}}],
+            "scaleDownDelaySeconds": 0,
+        }
+    )
+
+
+async def drive(
+    spec: RolloutSpec,
+    world: ServeAsRayService,
+    tasks: EvaluationTasks,
+    status: RolloutStatus,
+    until: Callable[[RolloutStatus], bool],
+    action: str | None = None,
+    timeout_s: float = 300,
+) -> tuple[RolloutStatus, list[Event]]:
+    """What the kopf timer does each tick, minus Kubernetes: observe, decide, edit the config,
+    keep the evaluation run in step, until `until(status)`."""
+    events: list[Event] = []
+    deadline = time.monotonic() + timeout_s
+    while not until(status):
+        assert time.monotonic() < deadline, f"stuck: {status.message}"
+        report = tasks.report(UID, spec, status)
+        observations = Observations(world.observe(), None, action, report)  # type: ignore[arg-type]
+        decision = advance(spec, 1, status, observations, datetime.now(UTC))
+        action = None
+        if decision.edit is not None:
+            world.apply(decision.edit, spec.canary)
+        tasks.sync(UID, spec, decision.status, NS)
+        status = decision.status
+        events.extend(decision.events)
+        await asyncio.sleep(0.5)
+    return status, events
+
+
+def gone(name: str) -> Callable[[RolloutStatus], bool]:
+    """Rolled back, and Serve has deleted the canary's application."""
+
+    def check(status: RolloutStatus) -> bool:
+        from ray import serve
+
+        return status.stage == "RolledBack" and name not in serve.status().applications
+
+    return check
+
+
+async def test_evaluation_step_rolls_back_canary_whose_engine_cuts_its_answers(
+    served: RunningServe, served_config: dict[str, Any], demo_checkpoints: tuple[Path, Path]
+) -> None:
+    sft, _ = demo_checkpoints
+    world, tasks = ServeAsRayService(served_config), EvaluationTasks(read_config_map)
+    engine = {"max_model_len": CANARY_CONTEXT}
+    canary = {"name": "amalia-short", "modelPath": str(sft), "engine": engine}
+    spec = rollout_spec(served, canary)
+    status, events = await drive(spec, world, tasks, RolloutStatus(), gone("amalia-short"))
+
+    last = status.last_evaluation
+    assert last is not None and last.verdict == "Failed", status.message
+    assert last.stable is not None and last.canary is not None and last.threshold == 1.0
+    # The stable answers every item; the canary only the short ones (its engine refuses the rest).
+    assert (last.stable.passed, last.stable.total, last.stable.unanswered) == (5, 5, 0)
+    assert (last.canary.passed, last.canary.unanswered) == (3, 2)
+    assert last.regressions == ["demo-answers-v1/longa-0", "demo-answers-v1/longa-1"]
+    assert last.golden_set is not None and last.golden_set.items == 5
+    assert last.golden_set.source == "ConfigMap amalia/goldensets key demo-answers-v1.yaml"
+    (failed,) = [e for e in events if e.reason == "EvaluationFailed"]
+    assert failed.type == "Warning"
+    assert "canary amalia-short scored 0.600 (3/5), threshold 1.000" in failed.message
+    assert "failing: demo-answers-v1/longa-0, demo-answers-v1/longa-1" in failed.message
+    assert "2 without an answer" in failed.message
+    # Built by the operator from the stable's application, with the canary's engine override.
+    (stable_app,) = [a for a in served_config["applications"] if a["name"] == "amalia-sft"]
+    canary_app = next(
+        a for c in world.deployed for a in c["applications"] if a["name"] == "amalia-short"
+    )
+    assert canary_app["args"]["engine"] == {**stable_app["args"]["engine"], **engine}
+    assert serveconfig.observe(world.text, "amalia") == serveconfig.AppView(
+        ("amalia-sft", "amalia-dpo"), {"amalia-sft": 90, "amalia-dpo": 10}
+    )
+
+
+async def test_evaluation_step_passes_canary_that_answers_as_well_as_stable(
+    served: RunningServe, served_config: dict[str, Any], demo_checkpoints: tuple[Path, Path]
+) -> None:
+    sft, _ = demo_checkpoints
+    world, tasks = ServeAsRayService(served_config), EvaluationTasks(read_config_map)
+    spec = rollout_spec(served, {"name": "amalia-twin", "modelPath": str(sft)})
+    status, _ = await drive(
+        spec, world, tasks, RolloutStatus(), lambda s: s.step_index == 1 and s.stage == "Stepping"
+    )
+    last = status.last_evaluation
+    assert last is not None and last.verdict == "Passed", status.message
+    assert last.stable == last.canary.model_copy(update={"variant": "amalia-sft"})  # type: ignore[union-attr]
+    assert last.canary.score == 1.0 and last.regression_count == 0  # type: ignore[union-attr]
+    assert status.phase == "Paused" and last.duration_seconds < 180
+    # Clean up the way a person would: abort, and the twin's application leaves the config.
+    status, _ = await drive(
+        spec, world, tasks, status, lambda s: s.stage == "RolledBack", action="abort"
+    )
+    assert serveconfig.observe(world.text, "amalia").variants == ("amalia-sft", "amalia-dpo")

@@ -1,4 +1,5 @@
-"""Canary analysis judged on what a real Ray Serve exports, through a real Prometheus.
+"""Canary analysis judged on what a real Ray Serve exports, through a real Prometheus; and the
+shadow-traffic metrics judged by a real Prometheus over the series the ingress exports for them.
 
 A local Ray Serve runs the demo layout (ingress + amalia-sft + amalia-dpo, the canary) and exports
 its metrics as in production; Prometheus 2.42 scrapes them every second. Ray exports a labelled
@@ -26,7 +27,7 @@ from serve_harness import RunningServe, demo_app_config, free_port, running_serv
 
 from amalia_operator import analysis
 from amalia_operator.constants import REQUESTS_QUERY, REQUESTS_TOTAL_METRIC
-from amalia_operator.models import RolloutSpec, RolloutStatus
+from amalia_operator.models import Metric, RolloutSpec, RolloutStatus
 from amalia_operator.rollout import Observations, ServeObservation, advance, measurement_due
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
@@ -240,3 +241,101 @@ async def test_analysis_judges_real_ray_series_through_prometheus_outage_and_fai
     assert events and events[-1].startswith("AnalysisFailed: rolled back")
     value = next(r.value for r in status.last_analysis.results if r.metric == "error-rate")  # type: ignore[union-attr]
     assert value is not None and f"error-rate={value:.6g} (threshold <= 0.05)" in events[-1]
+
+
+# === shadow traffic: the series the ingress exports for the variant it copies requests to ===
+def shadow_series(now: int) -> str:
+    """OpenMetrics for three canaries, shaped as Ray exports them (a labelled series is born at its
+    first increment, often above 1): `quiet` was never shadowed (no series at all); `good` answered
+    25 copies, none failed (no 5xx series), in European Portuguese; `bad` failed half of 20 and
+    answered in Brazilian Portuguese."""
+    counters: dict[str, list[tuple[str, float]]] = {
+        "ray_amalia_shadow_requests": [
+            ('variant="good",status_class="2xx"', 25),
+            ('variant="bad",status_class="2xx"', 10),
+            ('variant="bad",status_class="5xx"', 10),
+        ],
+        "ray_amalia_shadow_output_tokens": [('variant="good"', 500), ('variant="bad"', 60)],
+        "ray_amalia_shadow_variety_markers": [
+            ('variant="good",variety="pt-PT"', 12),
+            ('variant="bad",variety="pt-PT"', 2),
+            ('variant="bad",variety="pt-BR"', 8),
+        ],
+    }
+    lines = []
+    times = range(now - 30, now + 1, 5)  # born 30 s ago, inside the window
+    for family, series in counters.items():
+        lines.append(f"# TYPE {family} counter")
+        lines += [
+            f"{family}_total{{{labels}}} {value} {t}" for labels, value in series for t in times
+        ]
+    lines.append("# TYPE ray_amalia_shadow_latency_seconds histogram")
+    for variant, slow in (("good", 0), ("bad", 20)):
+        for le, count in (("0.5", 25 - slow), ("2.0", 25 - slow), ("10.0", 25), ("+Inf", 25)):
+            lines += [
+                f'ray_amalia_shadow_latency_seconds_bucket{{variant="{variant}",le="{le}"}} '
+                f"{count} {t}"
+                for t in times
+            ]
+        for suffix, value in (("count", 25), ("sum", 30.0)):
+            lines += [
+                f'ray_amalia_shadow_latency_seconds_{suffix}{{variant="{variant}"}} {value} {t}'
+                for t in times
+            ]
+    return "\n".join([*lines, "# EOF", ""])
+
+
+@pytest.fixture(scope="module")
+def shadow_prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]:
+    """A real Prometheus over a TSDB backfilled (promtool) with the shadow series."""
+    promtool = shutil.which("promtool") or "/usr/bin/promtool"
+    work = tmp_path_factory.mktemp("shadow-prometheus")
+    (work / "series.om").write_text(shadow_series(int(time.time())))
+    subprocess.run([promtool, "tsdb", "create-blocks-from", "openmetrics",
+                    str(work / "series.om"), str(work / "tsdb")],
+                   check=True, capture_output=True)  # fmt: skip
+    (work / "prometheus.yml").write_text("global: {evaluation_interval: 1s}\n")
+    server = Prometheus(work / "prometheus.yml", work / "tsdb", free_port())
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+async def test_shadow_metrics_judge_shadowed_answers_and_read_nothing_shadowed_as_no_data(
+    shadow_prometheus: Prometheus,
+) -> None:
+    settings = make_spec(shadow_prometheus.url).analysis
+    metrics = [
+        Metric(name="shadow-error-rate", max=0.05),
+        Metric(name="shadow-latency-p95-seconds", max=5.0),
+        Metric(name="shadow-output-tokens-per-request", min=5.0),
+        Metric(name="shadow-pt-br-share", max=0.1),
+    ]
+    now = datetime.now(UTC)
+
+    async def values(variant: str) -> tuple[str, dict[str, tuple[str, float | None]]]:
+        measurement = await analysis.measure(settings, variant, now, metrics)
+        return measurement.outcome, {r.metric: (r.outcome, r.value) for r in measurement.results}
+
+    # Never shadowed: no series; the gate says too few, and no shadow metric is read (not 0).
+    outcome, quiet = await values("quiet")
+    assert outcome == "Inconclusive"
+    assert quiet == {analysis.SHADOW_REQUESTS_RESULT: ("Inconclusive", 0.0)}
+
+    outcome, good = await values("good")
+    assert outcome == "Successful", good
+    assert good[analysis.SHADOW_REQUESTS_RESULT] == ("Successful", 25.0)
+    assert good["shadow-error-rate"] == ("Successful", 0.0)  # no 5xx series: no errors
+    assert good["shadow-output-tokens-per-request"] == ("Successful", 20.0)
+    assert good["shadow-pt-br-share"] == ("Successful", 0.0)  # no pt-BR series: none
+    assert good["shadow-latency-p95-seconds"][1] is not None
+    assert good["shadow-latency-p95-seconds"][1] <= 0.5
+
+    outcome, bad = await values("bad")
+    assert outcome == "Failed", bad
+    assert bad["shadow-error-rate"] == ("Failed", 0.5)
+    assert bad["shadow-pt-br-share"] == ("Failed", 0.8)
+    assert bad["shadow-output-tokens-per-request"] == ("Failed", 3.0)
+    assert bad["shadow-latency-p95-seconds"][0] == "Failed"

@@ -48,6 +48,16 @@ app.kubernetes.io/component: operator
 {{- printf "%s-operator" (include "amalia-serve.fullname" .) | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
+{{/*
+The operator pod's folders of golden-set ConfigMaps, `:`-separated (AMALIA_GOLDEN_SET_DIRS).
+Usage: include "amalia-serve.goldenSetDirs" .Values.operator.goldenSetConfigMaps
+*/}}
+{{- define "amalia-serve.goldenSetDirs" -}}
+{{- $dirs := list }}
+{{- range . }}{{ $dirs = append $dirs (printf "/etc/amalia/goldensets/%s" .) }}{{ end }}
+{{- join ":" $dirs }}
+{{- end }}
+
 {{- define "amalia-serve.image" -}}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
 {{- end }}

@@ -124,12 +124,16 @@ config.alpha.linkerd.io/proxy-enable-native-sidecar: "true"
 
 {{/*
 The API's callers as a JSON list of {namespace, serviceAccount?}: mesh.allowedCallers plus the helm
-test pod. Empty means any caller with a mesh identity.
+test pod and the operator (when deployed). Empty means any caller with a mesh identity.
 */}}
 {{- define "amalia-serve.meshApiCallers" -}}
 {{- $callers := .Values.mesh.allowedCallers }}
 {{- if $callers }}
 {{- $callers = concat $callers (list (dict "namespace" .Release.Namespace "serviceAccount" (include "amalia-serve.meshTestServiceAccount" .))) }}
+{{- if .Values.operator.enabled }}
+{{- /* The operator's evaluation steps call the API too. */}}
+{{- $callers = append $callers (dict "namespace" .Release.Namespace "serviceAccount" (include "amalia-serve.operatorName" .)) }}
+{{- end }}
 {{- end }}
 {{- toJson $callers }}
 {{- end }}

@@ -18,10 +18,11 @@ from k8s_harness import KUBERAY_CRDS, ROOT, Cluster
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from modelrollout_cases import BAD, GOOD, Case
-from rollout_world import World, measured
+from rollout_world import World, evaluated, measured
 
 from amalia_operator import kube, serveconfig
 from amalia_operator.constants import GROUP, PLURAL, VERSION
+from amalia_operator.evaluation.attempts import EvaluationReport
 from amalia_operator.models import CanaryVariant, RolloutSpec
 from amalia_operator.rollout import ServeEdit
 
@@ -70,28 +71,49 @@ def write_status(api: client.CustomObjectsApi, name: str, body: dict[str, Any]) 
 
 def statuses_of_a_rollout() -> list[dict[str, Any]]:
     """Every status a rollout writes on its way (pure state machine, simulated RayService):
-    analysis progress, an outage, an inconclusive halt, the whole split, conditions."""
+    shadow traffic, evaluation attempts (running, inconclusive, passed), analysis progress, an
+    outage, an inconclusive halt, the whole split, conditions."""
     spec = RolloutSpec.model_validate(
         {
             **GOOD["spec"],
-            "steps": [{"setWeight": 10}, {"analysis": {}}, {"analysis": {}}, {"setWeight": 100}],
+            "steps": [
+                {"setWeight": 10},
+                {"shadow": {"percent": 2.5}},
+                {
+                    "evaluation": {
+                        "goldenSet": {"configMapRef": {"name": "g", "key": "k.yaml"}},
+                        "tolerance": 0.5,
+                    }
+                },
+                {"analysis": {}},
+                {"analysis": {}},
+                {"setWeight": 100},
+            ],
             "analysis": {"inconclusiveLimit": 0, "metrics": [{"name": "error-rate", "max": 0.01}]},
             "scaleDownDelaySeconds": 0,
         }
     )
     world = World(spec, {"amalia-sft": 90, "amalia-base": 10})
     out = []
-    for measurement, action in [
-        (None, None),
-        (None, None),
-        (None, None),
-        (measured("Error", None), None),
-        (measured("Successful"), None),
-        (measured("Inconclusive", None), None),
-        (None, "promote"),
-        *[(None, None)] * 5,  # setWeight 100, then the old stable's weight and application go
+    unreachable = evaluated([], [], errors=("ingress unreachable: refused",))
+    stable, canary = [True, True, False], [True, False, False]
+    for measurement, action, report in [
+        (None, None, None),
+        (None, None, None),
+        (None, None, None),
+        (None, None, None),  # shadow on
+        (None, None, None),  # evaluation: attempt 1 starts
+        (None, None, EvaluationReport(answered=3, planned=6)),
+        (None, None, unreachable),  # inconclusive: attempt 2 later
+        (None, None, None),  # attempt 2 starts
+        (None, None, evaluated(stable, canary, errors=())),  # a regression, within tolerance
+        (measured("Error", None), None, None),
+        (measured("Successful"), None, None),
+        (measured("Inconclusive", None), None, None),
+        (None, "promote", None),
+        *[(None, None, None)] * 5,  # setWeight 100, then the old stable's weight and application go
     ]:
-        world.tick(measurement, action, after=timedelta(minutes=2))
+        world.tick(measurement, action, after=timedelta(minutes=2), evaluation=report)
         out.append(world.status.model_copy(update={"weights": world.weights}).wire())
     assert world.status.phase == "Promoted", world.status.message
     return out
@@ -111,8 +133,11 @@ def test_status_subresource_keeps_every_status_field_the_operator_writes(
         write_status(api, "status-roundtrip", {"status": status})
         stored = api.get_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, "status-roundtrip")
         assert stored["status"] == status
-        seen_keys |= set(status) | set(status.get("analysis") or {})
-    assert {"weights", "weightChangedAt", "analysis", "outageSince", "halted"} <= seen_keys
+        for nested in ("analysis", "evaluation", "lastEvaluation"):
+            seen_keys |= set(status) | set(status.get(nested) or {})
+    assert {"weights", "weightChangedAt", "analysis", "outageSince", "halted", "shadow",
+            "evaluation", "startedAt", "nextAttemptAt", "answered", "lastEvaluation",
+            "goldenSet", "regressions", "regressionCount", "threshold"} <= seen_keys  # fmt: skip
 
 
 def test_status_and_spec_are_written_only_through_their_own_endpoints(

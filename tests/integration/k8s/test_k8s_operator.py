@@ -1,6 +1,7 @@
 """The operator on a real kube-apiserver, installed by the chart and running under the chart's
 ServiceAccount token: rollouts with three variants, pause/promote/abort/retry, deletion, a renamed
-canary aborted mid-removal, and restarts after SIGTERM and SIGKILL.
+canary aborted mid-removal, an evaluation step reading its golden set from a ConfigMap, shadow
+traffic set and cleared, and restarts after SIGTERM and SIGKILL.
 
 KubeRay does not run here: `KubeRayPlayer` writes the RayService status KubeRay would write.
 Every call the operator makes goes through the chart's RBAC; a 403 would show in its log.
@@ -21,6 +22,7 @@ import yaml
 from k8s_harness import CHART, KUBERAY_CRDS, Cluster, KubeRayPlayer, OperatorProcess, wait_until
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
+from serve_harness import free_port
 
 from amalia_operator import serveconfig
 from amalia_operator.constants import FINALIZER, GROUP, KIND, PEERING_LIFETIME_S, PLURAL, VERSION
@@ -211,6 +213,79 @@ def test_rollout_moves_only_stable_share_and_promotes_under_chart_rbac(
     api.delete_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, "sft-to-new")
     wait_until(lambda: not rollout_exists(api, "sft-to-new"), "the rollout to be deleted", 30)
     assert live_config(api).weights == {**OTHERS, "amalia-new": 90}  # the RayService stays
+
+
+GOLDEN_SET = """\
+apiVersion: evaluation.amalia.pt/v1
+kind: GoldenSet
+name: equipa-v1
+maxTokens: 8
+items:
+  - id: capital
+    category: factos
+    prompt: "Qual é a capital de Portugal? Responde com uma palavra."
+    check: {type: contains, expected: Lisboa}
+    goodAnswers: ["Lisboa."]
+    badAnswers: ["Porto."]
+"""
+
+
+def test_evaluation_reads_configmap_and_shadow_is_set_then_cleared_under_chart_rbac(
+    installed: Cluster, api: client.CustomObjectsApi, kuberay: KubeRayPlayer,
+    operator: OperatorProcess,
+) -> None:  # fmt: skip
+    """The evaluation step in the real operator process: its golden set read from a ConfigMap
+    with the chart's RBAC, its run in the background (the ingress here is a port nothing listens
+    on: an evaluator error), inconclusive, paused for a person; then shadow traffic written into
+    the ingress's user_config and gone after an abort."""
+    installed.kubectl("create", "configmap", "goldensets", "-n", NS,
+                      "--from-literal", f"equipa-v1.yaml={GOLDEN_SET}")  # fmt: skip
+    dead = f"http://127.0.0.1:{free_port()}"
+    steps = [
+        {"evaluation": {"goldenSet": {"configMapRef": {"name": "goldensets", "key":
+                                                       "equipa-v1.yaml"}},
+                        "ingressURL": dead, "inconclusiveLimit": 0}},
+        {"shadow": {"percent": 12.5, "maxInFlight": 3}},
+        {"pause": {}},
+    ]  # fmt: skip
+    api.create_namespaced_custom_object(
+        GROUP, VERSION, NS, PLURAL, rollout("evaluated", "amalia-sft", "amalia-e", steps)
+    )
+    halted = wait_phase(api, "evaluated", "Paused")
+    assert halted.get("stepIndex", 0) == 0 and halted["evaluation"]["halted"] is True
+    last = halted["lastEvaluation"]
+    assert last["verdict"] == "Inconclusive" and "ingress unreachable" in last["reason"]
+    assert last["goldenSet"]["name"] == "equipa-v1" and last["goldenSet"]["items"] == 1
+    assert last["goldenSet"]["source"] == "ConfigMap amalia/goldensets key equipa-v1.yaml"
+    conditions = {c["type"]: c for c in halted["conditions"]}
+    assert conditions["Progressing"]["reason"] == "EvaluationInconclusive"
+    events = installed.get("events", "-n", NS, "--field-selector",
+                           "involvedObject.name=evaluated")["items"]  # fmt: skip
+    assert "EvaluationInconclusive" in [e["reason"] for e in events]
+    text = rollout_cli(installed, "status", "evaluated")
+    assert "Evaluation: Inconclusive" in text and "golden set equipa-v1 (1 items" in text, text
+
+    rollout_cli(installed, "promote", "evaluated")  # accept the inconclusive step
+    paused = wait_until(
+        lambda: (s := status_of(api, "evaluated")).get("stepIndex") == 2 and s, "the shadow step"
+    )
+    assert paused["shadow"] == {"percent": 12.5, "maxInFlight": 3}
+    assert live_config(api).shadow == {"variant": "amalia-e", "percent": 12.5, "max_in_flight": 3}
+    assert "Shadow:     12.5% of the requests copied to amalia-e" in rollout_cli(
+        installed, "status", "evaluated"
+    )
+
+    rollout_cli(installed, "abort", "evaluated")
+    done = wait_stage(api, "evaluated", "RolledBack")
+    assert "shadow" not in done
+    assert live_config(api) == serveconfig.AppView(
+        ("amalia-sft", "amalia-dpo", "amalia-base"), {**OTHERS, "amalia-sft": 90}
+    )
+    # Every serveConfigV2 after the abort was free of the shadow: it went with the weight.
+    after_shadow = [t for t in kuberay.seen if "amalia-e" in t]
+    assert serveconfig.observe(after_shadow[-1], "amalia").shadow is None
+    api.delete_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, "evaluated")
+    wait_until(lambda: not rollout_exists(api, "evaluated"), "the rollout to be deleted", 30)
 
 
 def rollout_exists(api: client.CustomObjectsApi, name: str) -> bool:
@@ -415,8 +490,10 @@ def test_operator_used_only_what_chart_rbac_grants(installed: Cluster) -> None:
         ("create", "kopfpeerings.kopf.dev", ""),
         ("create", "events", ""),
         ("watch", "modelrollouts.serving.amalia.pt", ""),
+        ("get", "configmaps", ""),  # an evaluation step's golden set
     ]
     denied = [
+        ("list", "configmaps", ""),  # read by name only
         ("delete", "rayservices.ray.io", ""),
         ("get", "secrets", ""),
         ("create", "pods", ""),

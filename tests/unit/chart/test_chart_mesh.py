@@ -211,6 +211,7 @@ def test_istio_policy_admits_listed_callers_and_scrapers_when_sidecars() -> None
             "cluster.local/ns/team-chat/sa/chat-backend",
             "cluster.local/ns/gateway-system/sa/internal-istio",
             "cluster.local/ns/amalia/sa/amalia-api-test",
+            "cluster.local/ns/amalia/sa/amalia-operator",  # its evaluation steps call the API
         ]}},
         {"source": {"namespaces": ["team-search"]}},
     ]  # fmt: skip
@@ -239,6 +240,7 @@ def test_ambient_api_port_takes_only_the_waypoint_when_waypoint_is_enabled() -> 
     assert waypoint["rules"][0]["from"][0]["source"]["principals"] == [
         "cluster.local/ns/team-chat/sa/chat-backend",
         "cluster.local/ns/amalia/sa/amalia-api-test",
+        "cluster.local/ns/amalia/sa/amalia-operator",
     ]
     gateway = one(objects, "Gateway")
     assert gateway["spec"]["gatewayClassName"] == "istio-waypoint"
@@ -261,6 +263,7 @@ def test_linkerd_servers_admit_listed_callers_and_scrapers_when_rendered() -> No
         {"kind": "ServiceAccount", "namespace": "team-chat", "name": "chat-backend"},
         {"kind": "ServiceAccount", "namespace": "team-search"},
         {"kind": "ServiceAccount", "namespace": "amalia", "name": "amalia-api-test"},
+        {"kind": "ServiceAccount", "namespace": "amalia", "name": "amalia-operator"},
     ]}  # fmt: skip
     for policy in by_kind(objects, "AuthorizationPolicy"):
         name = policy["metadata"]["name"]
@@ -308,6 +311,7 @@ def test_ingress_allowlist_matches_mesh_policy_when_callers_are_listed() -> None
         {"namespace": "team-search"},
         {"namespace": "gateway-system", "service_account": "internal-istio"},
         {"namespace": "amalia", "service_account": "amalia-api-test"},
+        {"namespace": "amalia", "service_account": "amalia-operator"},
     ]
 
 

@@ -151,12 +151,15 @@ def test_network_policy_is_on_and_limits_each_port_to_its_peers_by_default() -> 
     # Ray's own ports: every port, but only from the release's Ray pods.
     assert ray_internal == {"from": [{"podSelector": {"matchLabels": ray_pods}}]}
     assert api["ports"] == [{"port": "serve", "protocol": "TCP"}]
-    assert api["from"][1:] == [
+    assert api["from"][2:] == [
         {"namespaceSelector": {"matchLabels": {"amalia.pt/api-access": "true"}}}
     ]
-    assert api["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == (
-        "api-test"
-    )
+    components = [f["podSelector"]["matchLabels"]["app.kubernetes.io/component"]
+                  for f in api["from"][:2]]  # fmt: skip
+    # The helm test pod, and the operator (its evaluation steps ask through the ingress).
+    assert components == ["api-test", "operator"]
+    operator_pod = one(render("helm3"), "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert api["from"][1]["podSelector"]["matchLabels"].items() <= operator_pod.items()
     assert metrics == {
         "ports": [{"port": "metrics", "protocol": "TCP"}],
         "from": [
@@ -188,7 +191,7 @@ def test_network_policy_takes_peer_lists_and_extra_rules_from_values() -> None:
         "dashboard",
         15008,
     ]
-    assert rules[1]["from"][1] == {"podSelector": {"matchLabels": {"app": "gateway"}}}
+    assert rules[1]["from"][2] == {"podSelector": {"matchLabels": {"app": "gateway"}}}
     assert rules[3]["from"] == [
         {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "istio-system"}}}
     ]
@@ -257,6 +260,33 @@ def test_operator_runs_package_module_when_enabled() -> None:
     assert container["command"] == ["python", "-m", "amalia_operator"]
     args = build_parser().parse_args(container["args"])  # the operator's own parser accepts them
     assert args.command == "run" and args.liveness == "http://0.0.0.0:8080/healthz"
+
+
+def test_operator_mounts_golden_set_config_maps_where_it_looks_when_listed() -> None:
+    sets = ("operator.goldenSetConfigMaps={team-sets,finance}",)
+    pod = one(render("helm3", sets=sets), "Deployment")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    dirs = env["AMALIA_GOLDEN_SET_DIRS"].split(":")
+    assert dirs == ["/etc/amalia/goldensets/team-sets", "/etc/amalia/goldensets/finance"]
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    for directory, config_map in zip(dirs, ("team-sets", "finance"), strict=True):
+        mount = mounts[directory]
+        # A whole volume, not a subPath: the kubelet refreshes it when the ConfigMap changes.
+        assert mount["readOnly"] is True and "subPath" not in mount
+        assert volumes[mount["name"]]["configMap"] == {"name": config_map}
+    default = one(render("helm3"), "Deployment")["spec"]["template"]["spec"]
+    assert "AMALIA_GOLDEN_SET_DIRS" not in {e["name"] for e in default["containers"][0]["env"]}
+    assert [v["name"] for v in default["volumes"]] == ["tmp"]
+
+
+def test_network_policy_leaves_operator_out_when_operator_disabled() -> None:
+    objects = render("helm3", sets=("operator.enabled=false",))
+    api = one(objects, "NetworkPolicy")["spec"]["ingress"][1]
+    components = [f.get("podSelector", {}).get("matchLabels", {}).get("app.kubernetes.io/component")
+                  for f in api["from"]]  # fmt: skip
+    assert "operator" not in components and "api-test" in components
 
 
 def test_dashboard_config_map_holds_each_dashboard_when_enabled() -> None:

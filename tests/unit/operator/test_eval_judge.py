@@ -129,6 +129,8 @@ def test_judge_refuses_thresholds_when_outside_unit_interval(
         "amalia_operator.evaluation.judge",
         "amalia_operator.evaluation.checks",
         "amalia_operator.evaluation.goldenset",
+        "amalia_operator.evaluation.attempts",
+        "amalia_operator.rollout",
     ],
 )
 def test_evaluation_pure_modules_import_no_http_or_kubernetes_when_loaded(module: str) -> None:

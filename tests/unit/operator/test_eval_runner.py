@@ -1,4 +1,5 @@
-"""The evaluation run's bookkeeping: who is blamed for a missing answer, and its bounds.
+"""The evaluation run's bookkeeping: who is blamed for a missing answer, and its bounds; and the
+operator's background runs of it (started, watched, cancelled).
 
 A scripted OpenAI server on loopback plays the ingress here, because a real one cannot be made to
 misbehave on cue (only the canary slow, a variant answering for another, a garbled body).
@@ -22,7 +23,10 @@ from aiohttp import web
 
 from amalia_operator.evaluation import GoldenSet, judge
 from amalia_operator.evaluation import __main__ as evaluation_cli
+from amalia_operator.evaluation.attempts import EvaluationReport
 from amalia_operator.evaluation.runner import EvaluationRun, ask, evaluate
+from amalia_operator.evaluation.tasks import EvaluationTasks
+from amalia_operator.models import EvaluationProgress, RolloutSpec, RolloutStatus
 
 GOLDEN = GoldenSet.model_validate(
     {
@@ -284,3 +288,126 @@ async def test_run_command_prints_scores_and_exits_with_verdict_when_canary_is_w
         "Failed: canary amalia-dpo scored 0.667 (2/3), threshold 0.900 (stable amalia-sft 1.000 "
         "minus tolerance 0.1, floor 0); failing: mini-v1/autocarro"
     )
+
+
+async def test_ask_sends_nothing_when_golden_sets_need_more_requests_than_allowed(
+    ingress: Ingress,
+) -> None:
+    result = await ask(settings(ingress.url, maxRequests=5), [GOLDEN])
+    assert ingress.requests == []
+    assert result.errors == [
+        "the golden sets need 6 requests (3 items, 2 each), more than maxRequests 5"
+    ]
+    assert judge(result, 0.05, 0.0).verdict == "Inconclusive"
+
+
+# === the operator's background runs (evaluation/tasks.py) ===
+UID = "0b7c1c9e"
+STARTED = "2026-11-28T10:00:00Z"
+
+
+def at_evaluation(url: str, key: str = "mini-v1.yaml") -> tuple[RolloutSpec, RolloutStatus]:
+    """A rollout whose evaluation step (golden set from a ConfigMap) has started attempt 1."""
+    spec = RolloutSpec.model_validate(
+        {
+            "rayServiceName": "amalia",
+            "stable": {"name": "amalia-sft", "modelPath": "/m/sft"},
+            "canary": {"name": "amalia-dpo", "modelPath": "/m/dpo"},
+            "steps": [
+                {
+                    "evaluation": {
+                        "goldenSet": {"configMapRef": {"name": "sets", "key": key}},
+                        "ingressURL": url,
+                        "requestTimeout": "30s",
+                    }
+                }
+            ],
+        }
+    )
+    progress = EvaluationProgress(step_index=0, started_at=STARTED)
+    return spec, RolloutStatus(stage="Stepping", step_index=0, evaluation=progress)
+
+
+def config_maps(namespace: str, name: str, key: str) -> str:
+    """The rollout namespace's ConfigMap `sets`, as kube.read_config_map_key returns its keys."""
+    if key != "mini-v1.yaml":
+        raise LookupError(f"ConfigMap {namespace}/{name} has no key {key!r}")
+    return yaml.safe_dump(GOLDEN.model_dump(by_alias=True, exclude_none=True), allow_unicode=True)
+
+
+async def until_report(
+    tasks: EvaluationTasks, spec: RolloutSpec, status: RolloutStatus, done: Any
+) -> EvaluationReport:
+    deadline = time.monotonic() + 10
+    while True:
+        report = tasks.report(UID, spec, status)
+        if report is not None and done(report):
+            return report
+        assert time.monotonic() < deadline, report
+        await asyncio.sleep(0.01)
+
+
+def evaluation_tasks_alive() -> list[asyncio.Task[Any]]:
+    return [t for t in asyncio.all_tasks() if t.get_name().startswith("evaluation of ")]
+
+
+async def test_tasks_run_in_background_and_report_progress_then_result_when_synced(
+    ingress: Ingress,
+) -> None:
+    ingress.behaviour["amalia-dpo"] = "slow"  # the canary answers when the test says so
+    tasks = EvaluationTasks(config_maps)
+    spec, status = at_evaluation(ingress.url)
+    assert tasks.report(UID, spec, status) is None  # a status naming a run nobody started
+    tasks.sync(UID, spec, status, "amalia")
+    tasks.sync(UID, spec, status, "amalia")  # the next tick: still the one run
+    assert len(evaluation_tasks_alive()) == 1
+    running = await until_report(tasks, spec, status, lambda r: r.answered == 3)
+    assert (running.planned, running.result) == (6, None)  # the stable answered, the canary not
+    ingress.release.set()
+    done = await until_report(tasks, spec, status, lambda r: r.result is not None)
+    assert done.result is not None and done.result.canary.score == 1.0 and done.answered == 6
+    assert done.golden_set is not None and done.golden_set.name == "mini-v1"
+    assert done.golden_set.source == "ConfigMap amalia/sets key mini-v1.yaml"
+    assert len(done.golden_set.digest) == 12 and done.golden_set.items == 3
+    # A restarted operator knows of no run: the state machine counts it as interrupted.
+    assert EvaluationTasks(config_maps).report(UID, spec, status) is None
+
+
+async def test_tasks_cancel_the_run_when_the_rollout_moves_on(ingress: Ingress) -> None:
+    ingress.behaviour["amalia-dpo"] = "slow"
+    tasks = EvaluationTasks(config_maps)
+    spec, status = at_evaluation(ingress.url)
+    tasks.sync(UID, spec, status, "amalia")
+    await until_report(tasks, spec, status, lambda r: r.answered == 3)
+    aborted = status.model_copy(update={"stage": "RollingBack"})
+    tasks.sync(UID, spec, aborted, "amalia")
+    assert tasks.report(UID, spec, status) is None
+    deadline = time.monotonic() + 5
+    # The canary never answers (never released), so only a cancellation ends the run; it lands
+    # once aiohttp has let go of its connections.
+    while evaluation_tasks_alive():
+        assert time.monotonic() < deadline, evaluation_tasks_alive()
+        await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize(
+    ("key", "reader", "error"),
+    [
+        ("finance-v1.yaml", config_maps, "golden set not loaded: ConfigMap amalia/sets has no key"),
+        ("mini-v1.yaml", lambda *_: "items: [",
+         "golden set not loaded: ConfigMap amalia/sets key mini-v1.yaml: not valid YAML"),
+        ("mini-v1.yaml", lambda *_: 1 / 0, "the evaluation failed: ZeroDivisionError"),
+    ],
+    ids=["missing-key", "malformed-set", "bug"],
+)  # fmt: skip
+async def test_tasks_report_inconclusive_result_when_run_cannot_start(
+    ingress: Ingress, key: str, reader: Any, error: str
+) -> None:
+    tasks = EvaluationTasks(reader)
+    spec, status = at_evaluation(ingress.url, key)
+    tasks.sync(UID, spec, status, "amalia")
+    report = await until_report(tasks, spec, status, lambda r: r.result is not None)
+    assert report.result is not None and report.golden_set is None
+    assert report.result.errors[0].startswith(error), report.result.errors
+    assert judge(report.result, 0.05, 0.0).verdict == "Inconclusive"
+    assert ingress.requests == []

@@ -112,3 +112,50 @@ def test_action_sets_annotation_with_merge_patch_when_requested(action: str) -> 
         )
     ]
     assert f"{action} requested" in out.getvalue()
+
+
+def test_status_shows_shadow_and_evaluations_when_rollout_has_them() -> None:
+    steps = [{"shadow": {"percent": 12.5}}, {"evaluation": {}}, {"pause": {}}]
+    status = {
+        **OBJ["status"],
+        "stepIndex": 1,
+        "stage": "Stepping",
+        "shadow": {"percent": 12.5, "maxInFlight": 4},
+        "evaluation": {
+            "stepIndex": 1, "attempt": 2, "startedAt": "2026-11-26T12:05:00Z",
+            "answered": 40, "planned": 198,
+        },
+        "lastEvaluation": {
+            "stepIndex": 1, "attempt": 1, "verdict": "Inconclusive",
+            "reason": "evaluation inconclusive: ingress unreachable: refused",
+            "time": "2026-11-26T12:04:00Z", "durationSeconds": 0.4,
+            "goldenSet": {"name": "pt-pt-core-v1", "source": "shipped", "items": 99,
+                          "digest": "4be1c0d2a9f3"},
+            "stable": {"variant": "amalia-sft", "score": 0.85, "passed": 85, "total": 99,
+                       "unanswered": 0},
+            "canary": {"variant": "amalia-dpo", "score": 0.7, "passed": 70, "total": 99,
+                       "unanswered": 3},
+            "threshold": 0.8,
+            "regressions": ["pt-pt-core-v1/autocarro", "pt-pt-core-v1/comboio"],
+            "regressionCount": 17,
+        },
+    }  # fmt: skip
+    obj = {**OBJ, "spec": {**OBJ["spec"], "steps": steps}, "status": status}
+    text = cli.format_status(obj)
+    assert "Step:       1/3 (evaluation on pt-pt-core-v1)" in text
+    assert (
+        "Shadow:     12.5% of the requests copied to amalia-dpo (at most 4 in flight; "
+        "answers never returned)"
+    ) in text
+    assert (
+        "Evaluating: step 1, attempt 2 since 2026-11-26T12:05:00Z: 40/198 requests answered"
+    ) in text
+    assert "Evaluation: Inconclusive at 2026-11-26T12:04:00Z (step 1, attempt 1, 0.4s)" in text
+    assert "  - golden set pt-pt-core-v1 (99 items, shipped, digest 4be1c0d2a9f3)" in text
+    assert "  - stable amalia-sft 0.850 (85/99)" in text
+    assert "  - canary amalia-dpo 0.700 (70/99, 3 unanswered)" in text
+    assert "  - threshold 0.800" in text
+    assert (
+        "  - pass to fail (17): pt-pt-core-v1/autocarro, pt-pt-core-v1/comboio and 15 more"
+    ) in text
+    assert "  - evaluation inconclusive: ingress unreachable: refused" in text

@@ -10,7 +10,7 @@ import yaml
 
 from amalia_operator import kube, serveconfig
 from amalia_operator.constants import INGRESS_DEPLOYMENT_NAME, VARIANT_IMPORT_PATH
-from amalia_operator.models import CanaryVariant
+from amalia_operator.models import CanaryVariant, ShadowStatus
 from amalia_operator.rollout import ServeEdit
 
 HEADER = """\
@@ -264,3 +264,74 @@ def test_observe_reads_canary_health_from_its_own_application_when_kuberay_repor
     observed = kube.observe(rayservice(statuses), "amalia")
     assert observed is not None and observed.variants == (STABLE, "amalia-dpo")
     assert observed.deployment_status.get("amalia-dpo") == health
+
+
+# === shadow traffic (the ingress's user_config.shadow) ===
+SHADOW = ShadowStatus(percent=12.5, max_in_flight=2)
+
+
+def shadowed(text: str, percent: int = 0, shadow: ShadowStatus | None = SHADOW) -> str:
+    change = ServeEdit(STABLE, CANARY.name, percent, shadow=shadow)
+    return serveconfig.apply_edit(text, "amalia", change, CANARY)
+
+
+def ingress_user_config(text: str) -> dict[str, Any]:
+    (ingress,) = apps(text)["amalia"]["deployments"]
+    user_config: dict[str, Any] = ingress["user_config"]
+    return user_config
+
+
+def test_shadow_is_written_into_ingress_user_config_beside_weights_when_set() -> None:
+    with_canary = edit(CONFIG, 0, add=True)
+    out = shadowed(with_canary)
+    assert ingress_user_config(out) == {
+        "weights": {STABLE: 100, "amalia-dpo": 0},
+        # The serving side's contract: the canary's application name, a float percent, an int.
+        "shadow": {"variant": "amalia-dpo", "percent": 12.5, "max_in_flight": 2},
+    }
+    assert serveconfig.observe(out, "amalia").shadow == ingress_user_config(out)["shadow"]
+    # Only the user_config changed: the ingress reconfigures, nothing restarts.
+    assert (
+        out.replace(
+            "\n      shadow:\n        variant: amalia-dpo\n        percent: 12.5\n        max_in_flight: 2",
+            "",
+        )
+        == with_canary
+    )
+    assert shadowed(out) == out  # idempotent
+    again = shadowed(out, 30, ShadowStatus(percent=5.0, max_in_flight=4))
+    assert ingress_user_config(again)["shadow"] == {
+        "variant": "amalia-dpo", "percent": 5.0, "max_in_flight": 4
+    }  # fmt: skip
+    assert ingress_user_config(again)["weights"] == {STABLE: 70, "amalia-dpo": 30}
+
+
+def test_shadow_is_removed_and_bytes_restored_when_rollout_turns_it_off() -> None:
+    with_canary = edit(CONFIG, 0, add=True)
+    assert shadowed(shadowed(with_canary), shadow=None) == with_canary
+
+
+@pytest.mark.parametrize("flow", [True, False], ids=["flow-user-config", "block-user-config"])
+def test_shadow_edit_keeps_user_config_style_when_set_and_cleared(flow: bool) -> None:
+    text = CONFIG.replace(
+        "    user_config:\n      weights: {amalia-sft: 100}\n",
+        "    user_config: {weights: {amalia-sft: 100}}\n",
+    ) if flow else CONFIG  # fmt: skip
+    assert (text != CONFIG) is flow
+    with_canary = edit(text, 0, add=True)
+    out = shadowed(with_canary)
+    assert ingress_user_config(out)["shadow"]["variant"] == "amalia-dpo"
+    assert serveconfig.observe(shadowed(out, shadow=None), "amalia").shadow is None
+
+
+def test_clearing_leaves_a_shadow_to_another_variant_alone_when_rollout_does_not_own_it() -> None:
+    theirs = {"variant": "amalia-base", "percent": 50.0, "max_in_flight": 4}
+    with_canary = edit(CONFIG, 0, add=True)
+    text = serveconfig.set_shadow(with_canary, "amalia", theirs)
+    assert ingress_user_config(shadowed(text, shadow=None))["shadow"] == theirs
+    # The rollout's own shadow replaces it: there is one shadow slot per ingress.
+    assert ingress_user_config(shadowed(text))["shadow"]["variant"] == "amalia-dpo"
+    # Removing the canary (a rollback's cleanup) drops a shadow to it with the weight.
+    mine = shadowed(with_canary)
+    gone = edit(edit(mine, 0, remove=("amalia-dpo",)), 0, remove=("amalia-dpo",))
+    assert gone == CONFIG
