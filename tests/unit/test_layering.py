@@ -108,8 +108,9 @@ def test_operator_loads_only_the_shared_lexicon_of_serve_when_fully_loaded() -> 
     "module", ["amalia_operator.rollout", "amalia_operator.serveconfig", "amalia_operator.patches"]
 )
 def test_pure_modules_import_no_kubernetes_when_loaded(module: str) -> None:
-    loaded = imported_after(module)
-    assert not {"kopf", "kubernetes", "aiohttp", "amalia_serve"} & loaded
+    modules = modules_after(module)
+    assert not {"kopf", "kubernetes", "aiohttp"} & {name.split(".")[0] for name in modules}
+    assert {name for name in modules if name.split(".")[0] == "amalia_serve"} <= {"amalia_serve", SHARED}
 
 
 def test_shared_lexicon_loads_no_third_party_package_when_imported() -> None:
