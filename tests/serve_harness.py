@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -80,17 +81,39 @@ def running_serve(config: dict[str, Any], fresh: bool = False) -> Iterator[Runni
         stop_shared_serve()
     if _shared is None:
         stack = _SharedStack(http_port=free_port(), metrics_port=free_port())
-        start_local_ray(num_cpus=SHARED_NUM_CPUS, dashboard=False, metrics_export_port=stack.metrics_port)
+        start_local_ray(
+            num_cpus=SHARED_NUM_CPUS, dashboard=False, metrics_export_port=stack.metrics_port, log_to_driver=False
+        )
         _shared = stack
     config = {**config, "http_options": {**config["http_options"], "port": _shared.http_port}}
     deploy_config(config)
     names = [app["name"] for app in config["applications"]]
     wait_until_running(names, timeout_s=300)
+    _wait_until_only_running_replicas(names)
     yield RunningServe(
         f"http://127.0.0.1:{_shared.http_port}", f"http://127.0.0.1:{_shared.metrics_port}/metrics", names[0]
     )
     if fresh:
         stop_shared_serve()
+
+
+def _wait_until_only_running_replicas(apps: list[str], timeout_s: float = 120.0) -> None:
+    """An application is RUNNING while the replicas its previous config started are still stopping; a module
+    that counts replica processes must not find those."""
+    import time
+
+    from ray import serve
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        statuses = serve.status().applications
+        states = {state for app in apps for deployment in statuses[app].deployments.values()
+                  for state, count in deployment.replica_states.items() if count}  # fmt: skip
+        if states <= {"RUNNING"}:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"replicas of {apps} still {sorted(states)} after {timeout_s:.0f} s")
+        time.sleep(0.5)
 
 
 def stop_shared_serve() -> None:
@@ -120,13 +143,18 @@ def replica_processes(app: str, deployment: str) -> list[Any]:
     """The worker processes of a deployment's replicas, by the title Ray gives them:
     `ray::ServeReplica:<app>:<deployment>` (while a method runs Ray may append `.method`)."""
     import psutil
+    import ray
 
     title = f"ray::ServeReplica:{app}:{deployment}"
+    # Only this session's Ray: another Ray on the machine (a second checkout's tests) may run the same titles.
+    raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
     found = []
     for proc in psutil.process_iter(["cmdline"]):
         words = " ".join(proc.info["cmdline"] or []).split()
         if words and (words[0] == title or words[0].startswith(f"{title}.")):
-            found.append(proc)
+            with contextlib.suppress(psutil.Error):
+                if any(parent.pid == raylet for parent in proc.parents()):
+                    found.append(proc)
     return found
 
 

@@ -67,12 +67,21 @@ def connects_by_program(trace: str) -> list[tuple[str, str]]:
     process_of: dict[int, int] = {}  # thread id -> id of its process (its first thread)
     argv_of: dict[int, str] = {}  # process id -> argv
     pending: dict[int, tuple[str, str]] = {}  # thread id -> (call, arguments) of an unfinished clone or execve
+    # A new thread may log calls before its parent's clone() returns in the log (a busy machine reorders them), so
+    # who made whom is read first: a thread first seen is then placed at once.
+    made_by = _clone_parents(trace)
     found = []
     for line in trace.splitlines():
         match = TID.match(line)
         if match is None:
             continue
         tid, call = int(match.group(1)), match.group(2)
+        if tid not in process_of and tid in made_by:
+            parent, is_thread = made_by[tid]
+            parent_process = process_of.setdefault(parent, parent)
+            process_of[tid] = parent_process if is_thread else tid
+            if not is_thread:
+                argv_of.setdefault(tid, argv_of.get(parent_process, ""))
         process = process_of.setdefault(tid, tid)
         if call.startswith("<..."):  # "<... clone3 resumed>...": the rest of an unfinished call
             if tid not in pending:
@@ -91,7 +100,7 @@ def connects_by_program(trace: str) -> list[tuple[str, str]]:
             child = int(returned.group(1))
             if "CLONE_THREAD" in clone.group(2):
                 process_of[child] = process
-            else:
+            elif child not in process_of:
                 process_of[child] = child
                 argv_of[child] = argv_of.get(process, "")
         elif call.startswith("execve(") and call.rstrip().endswith("= 0"):
@@ -102,6 +111,31 @@ def connects_by_program(trace: str) -> list[tuple[str, str]]:
             if target is not None:
                 found.append((argv_of.get(process, ""), target))
     return found
+
+
+def _clone_parents(trace: str) -> dict[int, tuple[int, bool]]:
+    """Child id -> (the thread that cloned it, whether it is a thread), from every clone that returned."""
+    parents: dict[int, tuple[int, bool]] = {}
+    unfinished: dict[int, str] = {}  # thread id -> arguments of its unfinished clone
+    for line in trace.splitlines():
+        match = TID.match(line)
+        if match is None:
+            continue
+        tid, call = int(match.group(1)), match.group(2)
+        clone = CLONE_CALL.match(call)
+        if clone is not None and call.endswith("<unfinished ...>"):
+            unfinished[tid] = clone.group(2)
+            continue
+        if clone is not None:
+            arguments = clone.group(2)
+        elif call.startswith("<... clone") and tid in unfinished:
+            arguments = unfinished.pop(tid) + call
+        else:
+            continue
+        returned = RETURNED.search(call)
+        if returned is not None:
+            parents[int(returned.group(1))] = (tid, "CLONE_THREAD" in arguments)
+    return parents
 
 
 def _connect_target(call: str) -> str | None:
@@ -170,6 +204,16 @@ def test_connects_are_attributed_to_the_program_of_their_process_across_threads_
     assert (probe, dns) == ("AF_INET 169.254.169.254:80", "AF_INET 10.0.0.53:53")
     assert is_rays_cloud_probe(program, probe)
     assert server == '"amalia-serve", "run"' and not is_rays_cloud_probe(server, dns)
+
+
+def test_connect_of_a_thread_logged_before_its_clone_returns_is_attributed_to_its_process() -> None:
+    trace = (
+        '10 execve("/venv/bin/python3", ["amalia-serve", "run"], 0x7ff /* 9 vars */) = 0\n'
+        "10 clone3({flags=CLONE_VM|CLONE_THREAD|CLONE_SIGHAND, child_tid=0x7f}, 88 <unfinished ...>\n"
+        '11 connect(7, {sa_family=AF_INET, sin_port=htons(8000), sin_addr=inet_addr("127.0.0.1")}, 16) = 0\n'
+        "10 <... clone3 resumed>) = 11\n"
+    )
+    assert connects_by_program(trace) == [('"amalia-serve", "run"', "AF_INET 127.0.0.1:8000")]
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="unshare -n needs root (CI runs as root)")
