@@ -8,6 +8,8 @@ serving venv's vLLM 0.32, whose compressed-tensors is two minor versions older.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -44,19 +46,32 @@ CHAT = [{"role": "user", "content": "Olá! Fala-me de Lisboa."}]
 
 
 @pytest.fixture(scope="module")
-def checkpoints(demo_checkpoints: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """bf16 demo SFT, and the int8 and int4 checkpoints llm-compressor makes from it (GPTQ on pt.txt)."""
+def quantizing(
+    demo_checkpoints: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, Future[Path]]]:
+    """The int8 and int4 checkpoints llm-compressor makes from the demo SFT (GPTQ on pt.txt), both started at
+    once in the background, so its start-up overlaps the bf16 engine's."""
     out = tmp_path_factory.mktemp("quantized")
-    made = {"bf16": demo_checkpoints[0]}
-    for fmt, scheme in SCHEMES.items():
-        quantize(demo_checkpoints[0], out / fmt, scheme, "gptq")
-        made[fmt] = out / fmt
-    return made
+
+    def make(fmt: str) -> Path:
+        quantize(demo_checkpoints[0], out / fmt, SCHEMES[fmt], "gptq")
+        return out / fmt
+
+    with ThreadPoolExecutor(max_workers=len(SCHEMES)) as pool:
+        yield {fmt: pool.submit(make, fmt) for fmt in SCHEMES}
 
 
 @pytest.fixture(scope="module")
-def served(checkpoints: dict[str, Path]) -> dict[str, dict[str, Any]]:
-    """Each checkpoint loaded through VLLMEngine in turn: held-out prompt logprobs and a greedy chat answer."""
+def checkpoints(quantizing: dict[str, Future[Path]]) -> dict[str, Path]:
+    return {fmt: future.result() for fmt, future in quantizing.items()}
+
+
+@pytest.fixture(scope="module")
+def served(
+    demo_checkpoints: tuple[Path, Path], quantizing: dict[str, Future[Path]]
+) -> dict[str, dict[str, Any]]:
+    """bf16, then each quantized checkpoint, loaded through VLLMEngine in turn: held-out prompt logprobs and a
+    greedy chat answer."""
 
     async def serve(name: str, path: Path) -> dict[str, Any]:
         variant = VariantConfig.model_validate({"name": name, "model_path": str(path), "engine": CPU_ENGINE})
@@ -69,7 +84,10 @@ def served(checkpoints: dict[str, Path]) -> dict[str, dict[str, Any]]:
         finally:
             await engine.shutdown()
 
-    return {fmt: asyncio.run(serve(f"demo-{fmt}", path)) for fmt, path in checkpoints.items()}
+    results = {"bf16": asyncio.run(serve("demo-bf16", demo_checkpoints[0]))}
+    for fmt, future in quantizing.items():
+        results[fmt] = asyncio.run(serve(f"demo-{fmt}", future.result()))
+    return results
 
 
 def test_vllm_cpu_build_refuses_fp8_quantization_while_loading_before_starting_an_engine(demo_checkpoints: tuple[Path, Path]) -> None:
@@ -78,22 +96,6 @@ def test_vllm_cpu_build_refuses_fp8_quantization_while_loading_before_starting_a
     with pytest.raises(ValueError, match=r"variant demo-fp8: quantization fp8_per_tensor quantizes weights to fp8 "
                        r"while loading, which vLLM's CPU build cannot do.*int8 \(W8A8\) or int4 \(W4A16\)"):  # fmt: skip
         asyncio.run(VLLMEngine.start(variant))
-
-
-@pytest.mark.parametrize("fmt", ["int8", "int4"])
-def test_quantized_checkpoint_is_a_compressed_tensors_checkpoint_the_planner_sizes_at_its_bits(
-    checkpoints: dict[str, Path], fmt: str
-) -> None:
-    path = checkpoints[fmt]
-    model = load_model(str(path))
-    assert (model.checkpoint_format, model.quant_method) == (fmt, "compressed-tensors")
-    # Safetensors only, with the tokenizer and chat template the serving path renders chats with.
-    assert {p.name for p in path.iterdir()} >= {"model.safetensors", "tokenizer.json", "chat_template.jinja"}
-    assert not list(path.glob("*.bin")) and not list(path.glob("*.pt"))
-    # The planner's weight bytes against what is on disk: the same up to the safetensors header and the
-    # scales' dtype (bf16 on disk; the planner counts vLLM's fp32 int8 scales, 10 KiB more for the demo).
-    on_disk = (path / "model.safetensors").stat().st_size
-    assert abs(model.weight_bytes(fmt) - on_disk) < 0.01 * on_disk
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
@@ -114,6 +116,22 @@ def test_quantized_perplexity_and_token_logprobs_stay_within_their_bounds_of_bf1
     low, high = PPL_RATIO_BAND[fmt]
     assert low <= perplexity(quantized) / perplexity(bf16) <= high, (perplexity(quantized), perplexity(bf16))
     assert mean_abs_shift(quantized, bf16) <= MAX_LOGPROB_SHIFT[fmt]
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_quantized_checkpoint_is_a_compressed_tensors_checkpoint_the_planner_sizes_at_its_bits(
+    checkpoints: dict[str, Path], fmt: str
+) -> None:
+    path = checkpoints[fmt]
+    model = load_model(str(path))
+    assert (model.checkpoint_format, model.quant_method) == (fmt, "compressed-tensors")
+    # Safetensors only, with the tokenizer and chat template the serving path renders chats with.
+    assert {p.name for p in path.iterdir()} >= {"model.safetensors", "tokenizer.json", "chat_template.jinja"}
+    assert not list(path.glob("*.bin")) and not list(path.glob("*.pt"))
+    # The planner's weight bytes against what is on disk: the same up to the safetensors header and the
+    # scales' dtype (bf16 on disk; the planner counts vLLM's fp32 int8 scales, 10 KiB more for the demo).
+    on_disk = (path / "model.safetensors").stat().st_size
+    assert abs(model.weight_bytes(fmt) - on_disk) < 0.01 * on_disk
 
 
 def test_held_out_text_shares_no_line_with_the_tokenizer_and_calibration_text() -> None:
