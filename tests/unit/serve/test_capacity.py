@@ -235,6 +235,11 @@ def write_config(tmp_path: Path, **overrides: Any) -> Path:
             "group_0": {"weights": {"num_bits": 8, "type": "int"}}}}}, "checkpoint_format", "int8"),
         ({"quantization_config": {"quant_method": "compressed-tensors", "config_groups": {
             "group_0": {"weights": {"num_bits": 8, "type": "float"}}}}}, "checkpoint_format", "fp8"),
+        ({"quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": -1}}, "int4_group_size", None),
+        ({"quantization_config": {"quant_method": "compressed-tensors", "config_groups": {"group_0": {
+            "weights": {"num_bits": 4, "type": "int", "strategy": "channel"}}}}}, "int4_group_size", None),
+        ({"quantization_config": {"quant_method": "awq", "bits": 4}}, "quant_method", "awq"),
+        ({}, "quant_method", None),
     ],
 )  # fmt: skip
 def test_model_read_from_config_json_when_fields_vary(
@@ -297,6 +302,48 @@ def test_weights_in_memory_refused_when_quantization_does_not_match_checkpoint(
 ) -> None:
     with pytest.raises(CapacityError, match=message):
         capacity.weights_in_memory(PRESETS[model], quantization)
+
+
+def test_int4_scales_count_one_per_output_channel_when_not_grouped() -> None:
+    # 8,103,395,328 / 2 + 1,634,304 channels x 2-byte scale + 2,097,848,320 16-bit bytes
+    per_channel = replace(PRESETS["amalia-9b-int4"], int4_group_size=None)
+    assert per_channel.weight_bytes("int4") == 4_051_697_664 + 3_268_608 + 2_097_848_320
+
+
+def quantized(method: str, fmt: capacity.WeightFormat) -> ModelShape:
+    """AMALIA as a checkpoint whose config.json names `method` and stores `fmt` weights."""
+    return replace(AMALIA, name="/models/q", checkpoint_format=fmt, quant_method=method)
+
+
+@pytest.mark.parametrize(
+    ("model", "quantization", "conflict"),
+    [
+        (AMALIA, None, None),
+        (AMALIA, "fp8", None),  # quantized while loading, as fp8_per_tensor
+        (AMALIA, "torchao", None),  # not the planner's to judge on a 16-bit checkpoint
+        (AMALIA, "compressed-tensors", "reads an already quantized checkpoint; amalia-9b has no"),
+        (quantized("compressed-tensors", "int4"), None, None),
+        (quantized("compressed-tensors", "int4"), "compressed-tensors", None),
+        (quantized("compressed-tensors", "int4"), "gptq", ("quantization gptq does not match the checkpoint "
+         "/models/q (quant_method compressed-tensors, int4 weights): vLLM reads the format from its "
+         "config.json; leave quantization null or set compressed-tensors")),
+        (quantized("compressed-tensors", "int8"), "fp8_per_tensor", "/models/q is already int8"),
+        (quantized("compressed-tensors", "fp8"), "fp8", "set compressed-tensors"),
+        (quantized("compressed-tensors", "int8"), "torchao", "set compressed-tensors"),
+        (quantized("gptq", "int4"), "gptq_marlin", None),  # vLLM runs it as auto_gptq
+        (quantized("awq", "int4"), "gptq", "set auto_awq or awq or awq_marlin"),
+        (quantized("fp8", "fp8"), "fp8", None),
+        (PRESETS["amalia-9b-int4"], "gptq", None),  # a built-in preset stands for any method
+        (PRESETS["amalia-9b-int4"], "fp8", "amalia-9b-int4 is already int4"),
+    ],
+)  # fmt: skip
+def test_quantization_conflict_named_when_checkpoint_config_contradicts_engine(
+    model: ModelShape, quantization: str | None, conflict: str | None
+) -> None:
+    found = capacity.quantization_conflict(model, quantization)
+    assert (found is None) == (conflict is None), found
+    if conflict:
+        assert conflict in str(found)
 
 
 def test_engine_quantization_names_online_fp8_or_offline_checkpoint_when_format_differs() -> None:
@@ -386,6 +433,20 @@ def test_check_variant_reports_problems_when_checkpoint_readable_and_card_known(
         assert problems == []
     else:
         assert len(problems) == 1 and message in problems[0], problems
+
+
+def test_check_variant_reports_quantization_conflict_when_card_unknown(tmp_path: Path) -> None:
+    config = {"quant_method": "gptq", "bits": 4, "group_size": 128}
+    path = str(write_config(tmp_path, quantization_config=config))
+    problems = check_variant(path, None, EngineSettings(quantization="compressed-tensors"))
+    assert problems == [
+        (
+            f"quantization compressed-tensors does not match the checkpoint {path} (quant_method "
+            "gptq, int4 weights): vLLM reads the format from its config.json; leave quantization "
+            "null or set auto_gptq or gptq or gptq_marlin"
+        )
+    ]
+    assert check_variant(path, "H100", EngineSettings(quantization="gptq")) == []
 
 
 def test_check_variant_judges_nothing_when_checkpoint_is_not_readable(tmp_path: Path) -> None:

@@ -81,3 +81,34 @@ def test_variant_accepted_unchecked_when_checkpoint_is_not_readable_here() -> No
         variant("/models/AMALIA-9B-SFT", "L40S", max_model_len=10**6)
     )
     assert parsed.engine.max_model_len == 10**6
+
+
+# The quantization_config llm-compressor 0.14.0.1 writes for an int4 W4A16 checkpoint (the fields the
+# planner and vLLM read; docs/quantization.md makes one).
+W4A16_CONFIG = {"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": {"group_0": {
+    "targets": ["Linear"], "weights": {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group",
+                                       "group_size": 128}}}, "ignore": ["lm_head"]}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("config", "quantization", "message"),
+    [
+        ({**AMALIA_9B_CONFIG, "quantization_config": W4A16_CONFIG}, "gptq", "does not match the checkpoint"),
+        ({**AMALIA_9B_CONFIG, "quantization_config": W4A16_CONFIG}, "fp8_per_tensor", "is already int4"),
+        (AMALIA_9B_CONFIG, "awq", "reads an already quantized checkpoint"),
+    ],
+)  # fmt: skip
+def test_variant_refused_at_config_load_when_quantization_contradicts_its_checkpoint(
+    tmp_path: Path, config: dict[str, Any], quantization: str, message: str
+) -> None:
+    with pytest.raises(ValidationError, match=f"variant amalia-sft: quantization {quantization} .*{message}"):
+        VariantConfig.model_validate(variant(checkpoint(tmp_path, config), quantization=quantization))
+
+
+@pytest.mark.parametrize("quantization", [None, "compressed-tensors"])
+def test_quantized_checkpoint_variant_accepted_and_sized_at_its_bits_when_quantization_agrees(
+    tmp_path: Path, quantization: str | None
+) -> None:
+    path = checkpoint(tmp_path, {**AMALIA_9B_CONFIG, "quantization_config": W4A16_CONFIG})
+    assert VariantConfig.model_validate(variant(path, "L40S", quantization=quantization))
+    assert fit(load_model(path), GPUS["L40S"], EngineSettings(quantization=quantization)).weights == "int4"
