@@ -29,7 +29,7 @@ from typing import Any
 
 import aiohttp
 
-from amalia_operator.constants import PROMETHEUS_TIMEOUT_S, REQUESTS_QUERY, SHADOW_REQUESTS_QUERY
+from amalia_operator.constants import PROMETHEUS_TIMEOUT_S, REQUESTS_QUERY, SHADOW_COPIES_QUERY
 from amalia_operator.models import (
     AnalysisSettings,
     Measurement,
@@ -136,7 +136,7 @@ async def measure(
                 session, settings.prometheus_url, render_query(template, variant, settings.window)
             )
 
-        for shadow, gate_query in ((False, REQUESTS_QUERY), (True, SHADOW_REQUESTS_QUERY)):
+        for shadow, gate_query in ((False, REQUESTS_QUERY), (True, SHADOW_COPIES_QUERY)):
             group = [m for m in chosen if m.shadow == shadow]
             if not group:
                 continue

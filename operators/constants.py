@@ -52,6 +52,7 @@ TTFT_BUCKET_METRIC = "ray_amalia_time_to_first_token_seconds_bucket"
 # The shadow-traffic series the ingress exports for the variant it copies requests to (`variant` is
 # the shadow target; the caller never sees these answers).
 SHADOW_REQUESTS_METRIC = "ray_amalia_shadow_requests_total"
+SHADOW_DROPPED_METRIC = "ray_amalia_shadow_dropped_total"
 SHADOW_LATENCY_BUCKET_METRIC = "ray_amalia_shadow_latency_seconds_bucket"
 SHADOW_OUTPUT_TOKENS_METRIC = "ray_amalia_shadow_output_tokens_total"
 SHADOW_VARIETY_METRIC = "ray_amalia_shadow_variety_markers_total"
@@ -79,15 +80,24 @@ _CANARY_5XX = f'{REQUESTS_TOTAL_METRIC}{{variant="$variant",status_class="5xx"}}
 _CANARY_TTFT = f'{TTFT_BUCKET_METRIC}{{variant="$variant"}}'
 _SHADOW_REQUESTS = f'{SHADOW_REQUESTS_METRIC}{{variant="$variant"}}'
 _SHADOW_5XX = f'{SHADOW_REQUESTS_METRIC}{{variant="$variant",status_class="5xx"}}'
+# A copy the canary failed before answering anything is counted as dropped (`unavailable`), not as
+# a 5xx: it failed all the same. Copies dropped by the ingress's own limit (`in_flight_limit`) or
+# refused by a full queue (`overloaded`, the 429 of live traffic) are not the canary's errors.
+_SHADOW_UNAVAILABLE = f'{SHADOW_DROPPED_METRIC}{{variant="$variant",reason="unavailable"}}'
 _SHADOW_LATENCY = f'{SHADOW_LATENCY_BUCKET_METRIC}{{variant="$variant"}}'
 _SHADOW_TOKENS = f'{SHADOW_OUTPUT_TOKENS_METRIC}{{variant="$variant"}}'
 _SHADOW_MARKERS = f'{SHADOW_VARIETY_METRIC}{{variant="$variant"}}'
 _SHADOW_PT_BR = f'{SHADOW_VARIETY_METRIC}{{variant="$variant",variety="pt-BR"}}'
 # The canary's requests in the window: a measurement counts only when this reaches minRequests.
 REQUESTS_QUERY = f"sum({window_increase(_CANARY_REQUESTS)})"
-# The same gate for shadow metrics: requests copied to the canary that it answered in the window.
-# Nothing shadowed leaves no series at all, so this is "no data" (too few), never 0 errors.
-SHADOW_REQUESTS_QUERY = f"sum({window_increase(_SHADOW_REQUESTS)})"
+# The shadow copies the canary answered in the window.
+SHADOW_ANSWERED_QUERY = f"sum({window_increase(_SHADOW_REQUESTS)})"
+# The gate of shadow metrics: copies the canary answered or failed. Nothing shadowed leaves no
+# series at all, so this is 0 (too few), and the metrics are not read: never "0 errors".
+_SHADOW_FAILED_QUERY = f"sum({window_increase(_SHADOW_UNAVAILABLE)})"
+SHADOW_COPIES_QUERY = (
+    f"({SHADOW_ANSWERED_QUERY} or vector(0)) + ({_SHADOW_FAILED_QUERY} or vector(0))"
+)
 BUILTIN_QUERIES: dict[str, str] = {
     # A canary that never failed has no 5xx series at all: `or vector(0)` reads that as 0 errors.
     # When the canary served nothing the denominator is empty and so is the answer (no data).
@@ -97,13 +107,14 @@ BUILTIN_QUERIES: dict[str, str] = {
     ),
     # The same reading of absent series for the answers to shadowed requests.
     "shadow-error-rate": (
-        f"(sum({window_increase(_SHADOW_5XX)}) or vector(0)) / {SHADOW_REQUESTS_QUERY}"
+        f"((sum({window_increase(_SHADOW_5XX)}) or vector(0))"
+        f" + ({_SHADOW_FAILED_QUERY} or vector(0))) / ({SHADOW_COPIES_QUERY})"
     ),
     "shadow-latency-p95-seconds": (
         f"histogram_quantile(0.95, sum by (le) ({window_increase(_SHADOW_LATENCY)}))"
     ),
     "shadow-output-tokens-per-request": (
-        f"sum({window_increase(_SHADOW_TOKENS)}) / {SHADOW_REQUESTS_QUERY}"
+        f"sum({window_increase(_SHADOW_TOKENS)}) / {SHADOW_ANSWERED_QUERY}"
     ),
     # Share of the variety markers in the shadow answers that are Brazilian: no pt-BR series is 0,
     # no marker at all (nothing shadowed, or answers without a marker word) is no data.
@@ -112,7 +123,7 @@ BUILTIN_QUERIES: dict[str, str] = {
         f" / sum({window_increase(_SHADOW_MARKERS)})"
     ),
 }
-# Built-in metrics judged on shadow traffic: their measurement is gated on SHADOW_REQUESTS_QUERY.
+# Built-in metrics judged on shadow traffic: their measurement is gated on SHADOW_COPIES_QUERY.
 SHADOW_BUILTINS = frozenset(name for name in BUILTIN_QUERIES if name.startswith("shadow-"))
 DEFAULT_METRICS: list[dict[str, object]] = [
     {"name": "error-rate", "max": 0.01},
@@ -124,7 +135,7 @@ DEFAULT_METRICS: list[dict[str, object]] = [
 DEFAULT_GOLDEN_SET = "pt-pt-core-v1"
 DEFAULT_TOLERANCE = 0.05
 DEFAULT_MIN_SCORE = 0.0
-# KubeRay's Service in front of a RayService's Serve proxies, `<rayservice>-serve-svc`, and its port.
+# KubeRay's Service before a RayService's Serve proxies, `<rayservice>-serve-svc`, and its port.
 SERVE_SERVICE_SUFFIX = "-serve-svc"
 SERVE_PORT = 8000
 # An evaluation run still in flight this long after its timeout is given up (inconclusive): the

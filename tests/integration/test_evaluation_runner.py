@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -181,7 +182,7 @@ async def test_evaluation_is_inconclusive_when_ingress_is_unreachable(
 
 
 # === the operator's evaluation step on this Serve ===
-NS, UID = "amalia", "rollout-under-test"
+NS = "amalia"
 # A golden set the demo stable answers: at least three words to each prompt (seen: 8 to 19, greedy;
 # a prompt it answered with one run of underscores is left out). With the set's own short system
 # message (the variant's default one is ~65 tokens), the demo tokenizer makes the short prompts
@@ -192,7 +193,8 @@ LONG_PROMPTS = [
     "Escreve uma frase sobre Lisboa e o rio Tejo, por favor.",
     "Descreve em poucas palavras o que se vê da janela de um comboio entre Lisboa e o Porto.",
 ]
-CANARY_CONTEXT = 64
+# The worse canary's engine: the stable's, with a context too small for the longer items.
+SHORT_ENGINE = {"max_model_len": 64}
 DEMO_SET = yaml.safe_dump(
     {
         "apiVersion": "evaluation.amalia.pt/v1",
@@ -229,8 +231,10 @@ class ServeAsRayService:
     operator writes is deployed (as KubeRay submits it), and Serve's own application statuses are
     shown the way KubeRay writes them into RayService.status."""
 
-    def __init__(self, config: dict[str, Any]):
-        self.text = yaml.safe_dump(config, sort_keys=False)
+    def __init__(self, config: dict[str, Any], served: RunningServe):
+        # The port Serve really listens on: a Serve shared between modules keeps its own.
+        http = {**config["http_options"], "port": int(served.base_url.rsplit(":", 1)[1])}
+        self.text = yaml.safe_dump({**config, "http_options": http}, sort_keys=False)
         self.deployed: list[dict[str, Any]] = []
 
     def observe(self) -> ServeObservation | None:
@@ -282,32 +286,38 @@ def rollout_spec(served: RunningServe, canary: dict[str, Any]) -> RolloutSpec:
     )
 
 
+@dataclass
+class Rollout:
+    """One ModelRollout as the operator holds it: its spec, its status, the events it emitted."""
+
+    spec: RolloutSpec
+    until: Callable[[RolloutStatus], bool]
+    status: RolloutStatus = field(default_factory=RolloutStatus)
+    events: list[Event] = field(default_factory=list)
+    action: str | None = None
+
+
 async def drive(
-    spec: RolloutSpec,
-    world: ServeAsRayService,
-    tasks: EvaluationTasks,
-    status: RolloutStatus,
-    until: Callable[[RolloutStatus], bool],
-    action: str | None = None,
-    timeout_s: float = 300,
-) -> tuple[RolloutStatus, list[Event]]:
-    """What the kopf timer does each tick, minus Kubernetes: observe, decide, edit the config,
-    keep the evaluation run in step, until `until(status)`."""
-    events: list[Event] = []
-    deadline = time.monotonic() + timeout_s
-    while not until(status):
-        assert time.monotonic() < deadline, f"stuck: {status.message}"
-        report = tasks.report(UID, spec, status)
-        observations = Observations(world.observe(), None, action, report)  # type: ignore[arg-type]
-        decision = advance(spec, 1, status, observations, datetime.now(UTC))
-        action = None
-        if decision.edit is not None:
-            world.apply(decision.edit, spec.canary)
-        tasks.sync(UID, spec, decision.status, NS)
-        status = decision.status
-        events.extend(decision.events)
+    world: ServeAsRayService, tasks: EvaluationTasks, rollouts: dict[str, Rollout]
+) -> None:
+    """What the kopf timer does for each rollout every tick, minus Kubernetes: observe, decide,
+    edit the config, keep the evaluation run in step; a rollout stops at its `until`."""
+    deadline = time.monotonic() + 300
+    while not all(r.until(r.status) for r in rollouts.values()):
+        assert time.monotonic() < deadline, {u: r.status.message for u, r in rollouts.items()}
+        for uid, r in rollouts.items():
+            if r.until(r.status):
+                continue
+            report = tasks.report(uid, r.spec, r.status)
+            observations = Observations(world.observe(), None, r.action, report)  # type: ignore[arg-type]
+            decision = advance(r.spec, 1, r.status, observations, datetime.now(UTC))
+            r.action = None
+            if decision.edit is not None:
+                world.apply(decision.edit, r.spec.canary)
+            tasks.sync(uid, r.spec, decision.status, NS)
+            r.status = decision.status
+            r.events.extend(decision.events)
         await asyncio.sleep(0.5)
-    return status, events
 
 
 def gone(name: str) -> Callable[[RolloutStatus], bool]:
@@ -321,16 +331,41 @@ def gone(name: str) -> Callable[[RolloutStatus], bool]:
     return check
 
 
-async def test_evaluation_step_rolls_back_canary_whose_engine_cuts_its_answers(
-    served: RunningServe, served_config: dict[str, Any], demo_checkpoints: tuple[Path, Path]
-) -> None:
-    sft, _ = demo_checkpoints
-    world, tasks = ServeAsRayService(served_config), EvaluationTasks(read_config_map)
-    engine = {"max_model_len": CANARY_CONTEXT}
-    canary = {"name": "amalia-short", "modelPath": str(sft), "engine": engine}
-    spec = rollout_spec(served, canary)
-    status, events = await drive(spec, world, tasks, RolloutStatus(), gone("amalia-short"))
+@dataclass(frozen=True)
+class SideBySide:
+    world: ServeAsRayService
+    worse: Rollout
+    # The equal canary's status when its evaluation passed, before the clean-up abort.
+    equal_passed: RolloutStatus
 
+
+@pytest.fixture(scope="module")
+def side_by_side(
+    served: RunningServe, served_config: dict[str, Any], demo_checkpoints: tuple[Path, Path]
+) -> SideBySide:
+    """Two rollouts of the stable at once, as the operator runs rollouts of different objects:
+    the stable, a worse canary and an equal one are three variant applications of one Serve, and
+    the two canaries start and are evaluated side by side (they stay at weight 0, so neither moves
+    the other's traffic). Then the equal one is aborted, leaving the config as it was."""
+    sft, _ = demo_checkpoints
+    world, tasks = ServeAsRayService(served_config, served), EvaluationTasks(read_config_map)
+    short = {"name": "amalia-short", "modelPath": str(sft), "engine": SHORT_ENGINE}
+    worse = Rollout(rollout_spec(served, short), gone("amalia-short"))
+    equal = Rollout(
+        rollout_spec(served, {"name": "amalia-twin", "modelPath": str(sft)}),
+        lambda s: s.stage == "Stepping" and s.step_index == 1,
+    )
+    asyncio.run(drive(world, tasks, {"worse": worse, "equal": equal}))
+    passed = equal.status
+    equal.action, equal.until = "abort", lambda s: s.stage == "RolledBack"
+    asyncio.run(drive(world, tasks, {"equal": equal}))
+    return SideBySide(world, worse, passed)
+
+
+def test_evaluation_step_rolls_back_canary_whose_engine_cuts_its_answers(
+    side_by_side: SideBySide, served_config: dict[str, Any]
+) -> None:
+    status, events = side_by_side.worse.status, side_by_side.worse.events
     last = status.last_evaluation
     assert last is not None and last.verdict == "Failed", status.message
     assert last.stable is not None and last.canary is not None and last.threshold == 1.0
@@ -348,30 +383,24 @@ async def test_evaluation_step_rolls_back_canary_whose_engine_cuts_its_answers(
     # Built by the operator from the stable's application, with the canary's engine override.
     (stable_app,) = [a for a in served_config["applications"] if a["name"] == "amalia-sft"]
     canary_app = next(
-        a for c in world.deployed for a in c["applications"] if a["name"] == "amalia-short"
+        a
+        for c in side_by_side.world.deployed
+        for a in c["applications"]
+        if a["name"] == "amalia-short"
     )
-    assert canary_app["args"]["engine"] == {**stable_app["args"]["engine"], **engine}
-    assert serveconfig.observe(world.text, "amalia") == serveconfig.AppView(
-        ("amalia-sft", "amalia-dpo"), {"amalia-sft": 90, "amalia-dpo": 10}
-    )
+    assert canary_app["args"]["engine"] == {**stable_app["args"]["engine"], **SHORT_ENGINE}
 
 
-async def test_evaluation_step_passes_canary_that_answers_as_well_as_stable(
-    served: RunningServe, served_config: dict[str, Any], demo_checkpoints: tuple[Path, Path]
+def test_evaluation_step_passes_canary_that_answers_as_well_as_stable(
+    side_by_side: SideBySide,
 ) -> None:
-    sft, _ = demo_checkpoints
-    world, tasks = ServeAsRayService(served_config), EvaluationTasks(read_config_map)
-    spec = rollout_spec(served, {"name": "amalia-twin", "modelPath": str(sft)})
-    status, _ = await drive(
-        spec, world, tasks, RolloutStatus(), lambda s: s.step_index == 1 and s.stage == "Stepping"
-    )
+    status = side_by_side.equal_passed
     last = status.last_evaluation
     assert last is not None and last.verdict == "Passed", status.message
     assert last.stable == last.canary.model_copy(update={"variant": "amalia-sft"})  # type: ignore[union-attr]
     assert last.canary.score == 1.0 and last.regression_count == 0  # type: ignore[union-attr]
     assert status.phase == "Paused" and last.duration_seconds < 180
-    # Clean up the way a person would: abort, and the twin's application leaves the config.
-    status, _ = await drive(
-        spec, world, tasks, status, lambda s: s.stage == "RolledBack", action="abort"
+    # Both rollouts over (one rolled back, one aborted): the config is as the module made it.
+    assert serveconfig.observe(side_by_side.world.text, "amalia") == serveconfig.AppView(
+        ("amalia-sft", "amalia-dpo"), {"amalia-sft": 90, "amalia-dpo": 10}
     )
-    assert serveconfig.observe(world.text, "amalia").variants == ("amalia-sft", "amalia-dpo")

@@ -245,15 +245,21 @@ async def test_analysis_judges_real_ray_series_through_prometheus_outage_and_fai
 
 # === shadow traffic: the series the ingress exports for the variant it copies requests to ===
 def shadow_series(now: int) -> str:
-    """OpenMetrics for three canaries, shaped as Ray exports them (a labelled series is born at its
+    """OpenMetrics for four canaries, shaped as Ray exports them (a labelled series is born at its
     first increment, often above 1): `quiet` was never shadowed (no series at all); `good` answered
-    25 copies, none failed (no 5xx series), in European Portuguese; `bad` failed half of 20 and
-    answered in Brazilian Portuguese."""
+    25 copies, none failed (no 5xx series), in European Portuguese, and the ingress dropped 5 more
+    at its own in-flight limit; `bad` failed half of 20 and answered in Brazilian Portuguese;
+    `gone` failed all 12 before answering anything (the ingress counts those as dropped,
+    `unavailable`, and it has no answered series at all)."""
     counters: dict[str, list[tuple[str, float]]] = {
         "ray_amalia_shadow_requests": [
             ('variant="good",status_class="2xx"', 25),
             ('variant="bad",status_class="2xx"', 10),
             ('variant="bad",status_class="5xx"', 10),
+        ],
+        "ray_amalia_shadow_dropped": [
+            ('variant="good",reason="in_flight_limit"', 5),
+            ('variant="gone",reason="unavailable"', 12),
         ],
         "ray_amalia_shadow_output_tokens": [('variant="good"', 500), ('variant="bad"', 60)],
         "ray_amalia_shadow_variety_markers": [
@@ -339,3 +345,10 @@ async def test_shadow_metrics_judge_shadowed_answers_and_read_nothing_shadowed_a
     assert bad["shadow-pt-br-share"] == ("Failed", 0.8)
     assert bad["shadow-output-tokens-per-request"] == ("Failed", 3.0)
     assert bad["shadow-latency-p95-seconds"][0] == "Failed"
+
+    # A canary that failed every copy before answering: judged (12 copies), and every one an error.
+    outcome, gone = await values("gone")
+    assert outcome == "Failed", gone
+    assert gone[analysis.SHADOW_REQUESTS_RESULT] == ("Successful", 12.0)
+    assert gone["shadow-error-rate"] == ("Failed", 1.0)
+    assert gone["shadow-output-tokens-per-request"][0] == "Inconclusive"  # nothing answered

@@ -14,7 +14,7 @@ from amalia_operator.constants import (
     BUILTIN_QUERIES,
     REQUESTS_QUERY,
     SHADOW_BUILTINS,
-    SHADOW_REQUESTS_QUERY,
+    SHADOW_COPIES_QUERY,
 )
 from amalia_operator.models import AnalysisSettings, Metric, RolloutSpec
 
@@ -84,6 +84,8 @@ def test_render_query_substitutes_variant_and_window_when_builtin() -> None:
     [
         ("shadow-error-rate", 'ray_amalia_shadow_requests_total{variant="v",status_class="5xx"}',
          True),
+        ("shadow-error-rate",
+         'ray_amalia_shadow_dropped_total{variant="v",reason="unavailable"}', True),
         ("shadow-latency-p95-seconds", 'ray_amalia_shadow_latency_seconds_bucket{variant="v"}',
          False),
         ("shadow-output-tokens-per-request", 'ray_amalia_shadow_output_tokens_total{variant="v"}',
@@ -102,8 +104,10 @@ def test_shadow_builtins_read_shadow_series_and_absent_ones_as_no_data_when_rend
     # answer is still empty when nothing was shadowed (its denominator has no series).
     assert ("or vector(0)" in query) is zero_when_absent
     assert "ray_amalia_requests_total" not in query  # never the live series
-    gate = analysis.render_query(SHADOW_REQUESTS_QUERY, "v", "2m")
-    assert 'ray_amalia_shadow_requests_total{variant="v"}' in gate and "vector(0)" not in gate
+    # The gate counts the copies the canary answered and those it failed before answering.
+    gate = analysis.render_query(SHADOW_COPIES_QUERY, "v", "2m")
+    assert 'ray_amalia_shadow_requests_total{variant="v"}' in gate
+    assert 'ray_amalia_shadow_dropped_total{variant="v",reason="unavailable"}' in gate
 
 
 def test_metric_source_says_what_a_custom_query_measures_when_given() -> None:
