@@ -7,7 +7,9 @@ counting, time bounds, a canary that cannot answer vs an ingress that cannot be 
 quality. The rollout tests use a golden set whose items the demo stable does answer (a few words to
 short prompts), and canaries the operator adds itself from the stable's application: one whose
 engine (a 64-token context) cannot answer the longer items, rolled back by the step; one on the
-stable's own checkpoint, which answers exactly as the stable and passes.
+stable's own checkpoint, which answers exactly as the stable and passes, then gets a copy of every
+request through a shadow step until an abort turns it off (this part needs the serving side of
+shadow traffic, amalia_serve.shadow).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import yaml
 from serve_harness import RunningServe, demo_app_config, free_port, running_serve
@@ -265,7 +268,10 @@ class ServeAsRayService:
             deploy_config(self.deployed[-1])
 
 
-def rollout_spec(served: RunningServe, canary: dict[str, Any]) -> RolloutSpec:
+def rollout_spec(
+    served: RunningServe, canary: dict[str, Any], then: list[dict[str, Any]] | None = None
+) -> RolloutSpec:
+    """An evaluation step, then `then` (default: a pause for a person)."""
     evaluation = {
         "goldenSet": {"configMapRef": {"name": "goldensets", "key": "demo-answers-v1.yaml"}},
         "tolerance": 0.0,
@@ -280,7 +286,7 @@ def rollout_spec(served: RunningServe, canary: dict[str, Any]) -> RolloutSpec:
             "rayServiceName": "amalia",
             "stable": {"name": "amalia-sft", "modelPath": "/unused"},
             "canary": canary,
-            "steps": [{"evaluation": evaluation}, {"pause": {}}],
+            "steps": [{"evaluation": evaluation}, *(then or [{"pause": {}}])],
             "scaleDownDelaySeconds": 0,
         }
     )
@@ -334,9 +340,55 @@ def gone(name: str) -> Callable[[RolloutStatus], bool]:
 @dataclass(frozen=True)
 class SideBySide:
     world: ServeAsRayService
+    tasks: EvaluationTasks
     worse: Rollout
-    # The equal canary's status when its evaluation passed, before the clean-up abort.
+    equal: Rollout
+    # The equal canary's status once its evaluation passed and its shadow step ran.
     equal_passed: RolloutStatus
+
+
+SHADOWED = 8  # unpinned requests sent while the equal canary gets a copy of every one
+
+
+def shadow_counts(served: RunningServe, variant: str) -> tuple[int, int]:
+    """(copies answered, copies dropped) for `variant`, from the metrics Ray exports."""
+    text = httpx.get(served.metrics_url, timeout=10).text
+    counts = {"ray_amalia_shadow_requests_total": 0.0, "ray_amalia_shadow_dropped_total": 0.0}
+    for line in text.splitlines():
+        name, _, rest = line.partition("{")
+        if name in counts and f'variant="{variant}"' in rest:
+            counts[name] += float(line.rsplit(" ", 1)[1])
+    return int(counts["ray_amalia_shadow_requests_total"]), int(
+        counts["ray_amalia_shadow_dropped_total"]
+    )
+
+
+def ask_alias(served: RunningServe, n: int) -> None:
+    """`n` requests to the alias, not pinned: the weighted draw routes them (and may copy them)."""
+    body = {"model": "amalia", "messages": [{"role": "user", "content": "Olá!"}], "max_tokens": 4}
+    with httpx.Client(base_url=served.base_url, timeout=120) as client:
+        assert all(client.post("/v1/chat/completions", json=body).status_code == 200
+                   for _ in range(n))  # fmt: skip
+
+
+def copies_reach(served: RunningServe, variant: str, total: int) -> tuple[int, int]:
+    deadline = time.monotonic() + 30  # Ray exports counters every second here (tests/conftest.py)
+    while sum(counts := shadow_counts(served, variant)) < total:
+        assert time.monotonic() < deadline, counts
+        time.sleep(0.5)
+    return counts
+
+
+def ingress_shadow(served: RunningServe, on: bool) -> dict[str, Any]:
+    """Waits until the ingress's live routing has the shadow on (or off), as GET /routing shows it:
+    Serve reconfigures the ingress a moment after a config is deployed."""
+    deadline = time.monotonic() + 30
+    while True:
+        routing: dict[str, Any] = httpx.get(f"{served.base_url}/routing", timeout=10).json()
+        if bool(routing.get("shadow")) is on:
+            return routing
+        assert time.monotonic() < deadline, routing
+        time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")
@@ -346,20 +398,46 @@ def side_by_side(
     """Two rollouts of the stable at once, as the operator runs rollouts of different objects:
     the stable, a worse canary and an equal one are three variant applications of one Serve, and
     the two canaries start and are evaluated side by side (they stay at weight 0, so neither moves
-    the other's traffic). Then the equal one is aborted, leaving the config as it was."""
+    the other's traffic). The equal one goes on to a shadow step and waits at a pause."""
     sft, _ = demo_checkpoints
     world, tasks = ServeAsRayService(served_config, served), EvaluationTasks(read_config_map)
     short = {"name": "amalia-short", "modelPath": str(sft), "engine": SHORT_ENGINE}
     worse = Rollout(rollout_spec(served, short), gone("amalia-short"))
+    shadow = {"shadow": {"percent": 100, "maxInFlight": 4}}
     equal = Rollout(
-        rollout_spec(served, {"name": "amalia-twin", "modelPath": str(sft)}),
-        lambda s: s.stage == "Stepping" and s.step_index == 1,
+        rollout_spec(
+            served, {"name": "amalia-twin", "modelPath": str(sft)}, [shadow, {"pause": {}}]
+        ),
+        lambda s: s.stage == "Stepping" and s.step_index == 2,
     )
     asyncio.run(drive(world, tasks, {"worse": worse, "equal": equal}))
-    passed = equal.status
+    return SideBySide(world, tasks, worse, equal, equal.status)
+
+
+@dataclass(frozen=True)
+class Shadowed:
+    # Copies of unpinned requests the twin got (answered, dropped) while the shadow was on, and
+    # how many more came after the abort took it off.
+    copies: tuple[int, int]
+    after_abort: int
+
+
+@pytest.fixture(scope="module")
+def shadowed(side_by_side: SideBySide, served: RunningServe) -> Shadowed:
+    """Requests to the alias while the equal canary's shadow step is on, then an abort, then more
+    requests: what the real ingress copied to the canary in each phase."""
+    ingress_shadow(served, on=True)
+    answered, dropped = shadow_counts(served, "amalia-twin")
+    ask_alias(served, SHADOWED)
+    total = copies_reach(served, "amalia-twin", answered + dropped + SHADOWED)
+    equal = side_by_side.equal
     equal.action, equal.until = "abort", lambda s: s.stage == "RolledBack"
-    asyncio.run(drive(world, tasks, {"equal": equal}))
-    return SideBySide(world, worse, passed)
+    asyncio.run(drive(side_by_side.world, side_by_side.tasks, {"equal": equal}))
+    ingress_shadow(served, on=False)
+    ask_alias(served, SHADOWED)
+    time.sleep(3)  # three export intervals: copies, had there been any, would show
+    after = sum(shadow_counts(served, "amalia-twin")) - sum(total)
+    return Shadowed((total[0] - answered, total[1] - dropped), after)
 
 
 def test_evaluation_step_rolls_back_canary_whose_engine_cuts_its_answers(
@@ -400,6 +478,22 @@ def test_evaluation_step_passes_canary_that_answers_as_well_as_stable(
     assert last.stable == last.canary.model_copy(update={"variant": "amalia-sft"})  # type: ignore[union-attr]
     assert last.canary.score == 1.0 and last.regression_count == 0  # type: ignore[union-attr]
     assert status.phase == "Paused" and last.duration_seconds < 180
+
+
+def test_shadow_step_copies_every_request_to_canary_until_abort_turns_it_off(
+    side_by_side: SideBySide, shadowed: Shadowed
+) -> None:
+    status = side_by_side.equal_passed
+    assert status.shadow is not None and status.shadow.percent == 100.0
+    shadows = [
+        serveconfig.observe(yaml.safe_dump(c), "amalia").shadow for c in side_by_side.world.deployed
+    ]
+    assert {"variant": "amalia-twin", "percent": 100.0, "max_in_flight": 4} in shadows
+    answered, dropped = shadowed.copies
+    # The real ingress took the operator's user_config and copied each of the SHADOWED requests
+    # (a copy past maxInFlight is dropped and counted, never queued).
+    assert answered >= 1 and answered + dropped == SHADOWED
+    assert shadowed.after_abort == 0
     # Both rollouts over (one rolled back, one aborted): the config is as the module made it.
     assert serveconfig.observe(side_by_side.world.text, "amalia") == serveconfig.AppView(
         ("amalia-sft", "amalia-dpo"), {"amalia-sft": 90, "amalia-dpo": 10}
