@@ -6,10 +6,8 @@ FROM python:3.11-slim-bookworm
 RUN useradd --uid 1000 --gid 100 --no-create-home --shell /usr/sbin/nologin amalia
 WORKDIR /opt/amalia-operator
 COPY operators/ amalia_operator/
-# The one amalia_serve module the operator imports: the pt-PT/pt-BR lexicon it shares with the ingress
-# (pure; the package's __init__ loads nothing eagerly). Nothing else of amalia_serve, and none of its
-# dependencies (tests/unit/test_layering.py).
-COPY serve/__init__.py serve/variety.py amalia_serve/
+# The pt-PT/pt-BR lexicon the operator shares with the ingress: its own pure package, standard library only.
+COPY variety/ amalia_variety/
 # The operator's own dependencies only.
 RUN pip install --no-cache-dir "kopf>=1.44,<2" "kubernetes>=31" "pydantic>=2.10,<3" "pyyaml>=6" \
       "aiohttp>=3.10" \

@@ -10,6 +10,7 @@ WORKDIR /home/ray/amalia-serve
 COPY --chown=ray:users pyproject.toml README.md ./
 COPY --chown=ray:users serve/ serve/
 COPY --chown=ray:users operators/ operators/
+COPY --chown=ray:users variety/ variety/
 # Ray is already in the base image; the pin keeps pip from replacing it. Install from your mirror of PyPI
 # (PIP_INDEX_URL): vllm's CUDA wheels and torch come from there.
 RUN pip install --no-cache-dir "ray[serve]==2.60.0" ".[gpu]" \

@@ -13,10 +13,7 @@ if TYPE_CHECKING:
     from amalia_serve.config import AmaliaServingArgs, EngineConfig, RoutingConfig, VariantConfig
     from amalia_serve.engine import Engine
 
-# Every export loads on first use. Importing the package must stay free: Ray loads only when the app is
-# asked for, and the operator imports the one pure module it shares with the ingress
-# (amalia_serve.variety) without pulling in the config models and what they import
-# (tests/unit/test_layering.py holds both to this).
+# Every export loads on first use: Ray loads only when the app is asked for.
 _EXPORTS = {
     "build_app": "amalia_serve.app",
     "Engine": "amalia_serve.engine",

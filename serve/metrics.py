@@ -88,7 +88,7 @@ TOKEN_KIND_TAG = "kind"
 CALLER_TAG = "caller"
 # Why a shadow copy was not sent or not answered: DROP_REASONS.
 REASON_TAG = "reason"
-# `pt-PT` or `pt-BR`: which variety's markers (amalia_serve.variety) an answer held.
+# `pt-PT` or `pt-BR`: which variety's markers (amalia_variety) an answer held.
 VARIETY_TAG = "variety"
 DROP_REASONS = ("in_flight_limit", "overloaded", "unavailable")
 

@@ -7,7 +7,7 @@ copy as a task on the ingress's event loop, or drops it, counted, when `max_in_f
 on this replica. A copy is the same request (messages or prompt, sampling parameters, seed) under its own
 request id and a span of its own, read to its end like a request that is not streamed, within the same
 deadline as a request (`ingress.request_timeout_s`). What it shows goes to ShadowMetrics: its status,
-latency and output tokens, or why it was dropped, and the pt-PT/pt-BR markers (amalia_serve.variety) of
+latency and output tokens, or why it was dropped, and the pt-PT/pt-BR markers (amalia_variety) of
 its answer and of the answer the caller got, so the two varieties are compared over the same requests.
 The ingress cancels the copies still running when it shuts down.
 """
@@ -25,7 +25,7 @@ from amalia_serve.metrics import ShadowMetrics
 from amalia_serve.protocol import GenerationFailure, GenerationRequest
 from amalia_serve.tracing import ShadowSpan
 from amalia_serve.variant_calls import VARIANT_UNAVAILABLE, ApiError, cancel_call, next_item
-from amalia_serve.variety import count_markers
+from amalia_variety import count_markers
 
 # Starts a call of `variant` with the request: an async iterator of EngineOutput | GenerationFailure that
 # has cancel() (a DeploymentResponseGenerator of the variant's `generate`).

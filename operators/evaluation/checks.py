@@ -14,7 +14,7 @@ from pydantic import Field, field_validator, model_validator
 
 from amalia_operator.evaluation import scorers
 from amalia_operator.models import WireModel
-from amalia_serve.variety import count_markers
+from amalia_variety import count_markers
 
 # Keeps a `detail` readable in an Event or a status field.
 _EXCERPT_CHARS = 60
@@ -215,7 +215,7 @@ class UppercaseCheck(WireModel):
 
 class VarietyCheck(WireModel):
     """European Portuguese: the answer uses one of `expect`, none of `avoid` and, with
-    `lexicon`, none of the pt-BR markers of amalia_serve.variety.LEXICON anywhere."""
+    `lexicon`, none of the pt-BR markers of amalia_variety.LEXICON anywhere."""
 
     type: Literal["variety"]
     expect: list[str] = Field(..., min_length=1, description="pt-PT forms; any one.")

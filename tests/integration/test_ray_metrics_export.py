@@ -25,7 +25,7 @@ from starlette.requests import Request
 
 from amalia_serve import metrics as m
 from amalia_serve.constants import INGRESS_DEPLOYMENT_NAME
-from amalia_serve.variety import count_markers
+from amalia_variety import count_markers
 
 pytestmark = pytest.mark.integration
 

@@ -21,7 +21,7 @@ from serve_harness import RunningServe, demo_app_config, engine_paused, free_por
 
 from amalia_serve.local_run import deploy_config, set_routing, set_weights, with_ingress_routing
 from amalia_serve.routing import TrafficSplit
-from amalia_serve.variety import count_markers
+from amalia_variety import count_markers
 
 pytestmark = [pytest.mark.integration, pytest.mark.demo_variants, pytest.mark.timeout(900)]
 

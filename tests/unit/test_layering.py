@@ -1,11 +1,8 @@
-"""Import boundaries: amalia_serve and amalia_operator never import each other, with one exception; the
-ingress loads no torch.
+"""Import boundaries: amalia_serve and amalia_operator never import each other; the ingress loads no torch.
 
-The exception: amalia_operator imports amalia_serve.variety, the pt-PT/pt-BR marker lexicon that the
-evaluation step and the ingress's shadow traffic both score answers with (one copy of the lexicon, not
-two that drift apart). It is pure (re, unicodedata), and amalia_serve/__init__ loads nothing eagerly,
-so the operator then holds exactly `amalia_serve` and `amalia_serve.variety`: no config models, no
-Ray, no torch, no vLLM. Every other amalia_serve module stays out of the operator.
+What both need, the pt-PT/pt-BR marker lexicon that the evaluation step and the ingress's shadow traffic
+score answers with, is a third package, amalia_variety (one copy, not two that drift apart): standard
+library only, and it imports neither of the others.
 
 Two checks, because each misses what the other sees. The source scan reads every import statement of a
 package, those inside functions too (`amalia-serve` once reached the operator from a function body, which
@@ -23,8 +20,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE_DIRS = {"amalia_serve": ROOT / "serve", "amalia_operator": ROOT / "operators"}
-# The only amalia_serve module the operator may import (see the module docstring).
-SHARED = "amalia_serve.variety"
+SHARED = "amalia_variety"
 
 
 def modules_after(module: str) -> set[str]:
@@ -59,18 +55,12 @@ def test_serve_never_imports_the_operator_when_every_import_statement_is_read() 
     assert not offenders, f"amalia_serve files importing amalia_operator: {offenders}"
 
 
-def test_operator_imports_only_the_lexicon_of_serve_when_every_import_statement_is_read() -> None:
-    # Two levels deep: `import amalia_serve.config` reads as itself and is refused, and
-    # `from amalia_serve import X` reads as the bare package, refused too; the allowed form names the module.
-    sources = imports_in_source(PACKAGE_DIRS["amalia_operator"], depth=2)
+def test_operator_never_imports_serve_when_every_import_statement_is_read() -> None:
+    sources = imports_in_source(PACKAGE_DIRS["amalia_operator"])
     assert len(sources) > 10
-    serve_imports = {
-        path: {name for name in names if name.split(".")[0] == "amalia_serve"}
-        for path, names in sources.items()
-    }
-    offenders = {path: names for path, names in serve_imports.items() if names - {SHARED}}
-    assert not offenders, f"amalia_operator files importing more of amalia_serve: {offenders}"
-    assert any(serve_imports.values())  # the lexicon is imported from amalia_serve, not copied
+    offenders = sorted(path for path, names in sources.items() if "amalia_serve" in names)
+    assert not offenders, f"amalia_operator files importing amalia_serve: {offenders}"
+    assert any(SHARED in names for names in sources.values())  # the lexicon comes from the shared package
 
 
 def test_source_scan_sees_imports_in_function_bodies_when_reading_a_file(tmp_path: Path) -> None:
@@ -91,15 +81,14 @@ def test_ingress_loads_no_torch_vllm_or_operator_when_imported() -> None:
     )
 
 
-def test_operator_loads_only_the_shared_lexicon_of_serve_when_fully_loaded() -> None:
+def test_operator_loads_no_serve_module_when_fully_loaded() -> None:
     modules = modules_after(
         "amalia_operator.handlers, amalia_operator.cli, amalia_operator.crd, "
         "amalia_operator.evaluation.checks, amalia_operator.evaluation.runner"
     )
     loaded = {name.split(".")[0] for name in modules}
     assert "kopf" in loaded
-    ours = {name for name in modules if name.split(".")[0] == "amalia_serve"}
-    assert ours == {"amalia_serve", SHARED}
+    assert "amalia_serve" not in loaded and SHARED in loaded
     heavy = {"ray", "torch", "vllm", "fastapi"} & loaded
     assert not heavy, sorted(heavy)
 
@@ -110,13 +99,12 @@ def test_operator_loads_only_the_shared_lexicon_of_serve_when_fully_loaded() -> 
 def test_pure_modules_import_no_kubernetes_when_loaded(module: str) -> None:
     modules = modules_after(module)
     assert not {"kopf", "kubernetes", "aiohttp"} & {name.split(".")[0] for name in modules}
-    assert {name for name in modules if name.split(".")[0] == "amalia_serve"} <= {"amalia_serve", SHARED}
+    assert "amalia_serve" not in {name.split(".")[0] for name in modules}
 
 
 def test_shared_lexicon_loads_no_third_party_package_when_imported() -> None:
     modules = modules_after(SHARED)
-    ours = {name for name in modules if name.split(".")[0] == "amalia_serve"}
-    assert ours == {"amalia_serve", SHARED}
     packages = {name.split(".")[0] for name in modules}
     third_party = {"pydantic", "yaml", "ray", "torch", "vllm"} & packages
     assert not third_party, sorted(third_party)
+    assert not {"amalia_serve", "amalia_operator"} & packages

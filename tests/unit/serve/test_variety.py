@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from amalia_serve.variety import count_markers
+from amalia_variety import count_markers
 
 
 @pytest.mark.parametrize(
