@@ -158,13 +158,26 @@ def replica_processes(app: str, deployment: str) -> list[Any]:
     return found
 
 
-def engine_core_of(variant: str) -> Any:
-    """vLLM's engine-core process under the variant's replica (its title is set by vLLM, `VLLM::EngineCore`)."""
-    for replica in replica_processes(variant, variant):
-        cores = [c for c in replica.children(recursive=True) if "EngineCore" in " ".join(c.cmdline() or [c.name()])]
-        if cores:
-            return cores[0]
-    raise AssertionError(f"no vLLM engine-core process under a replica of {variant}")
+def engine_core_of(variant: str, timeout_s: float = 10.0) -> Any:
+    """vLLM's engine-core process under the variant's replica (its title is set by vLLM, `VLLM::EngineCore`).
+
+    Looked for again until `timeout_s`: one look has missed a replica that had just answered (once in a full
+    run; Ray rewrites a replica's process title around its calls), and a second look costs nothing when the
+    first finds it."""
+    import time
+
+    import psutil
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        for replica in replica_processes(variant, variant):
+            with contextlib.suppress(psutil.Error):
+                for child in replica.children(recursive=True):
+                    if "EngineCore" in " ".join(child.cmdline() or [child.name()]):
+                        return child
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no vLLM engine-core process under a replica of {variant} after {timeout_s:.0f} s")
+        time.sleep(0.2)
 
 
 @contextmanager
