@@ -13,7 +13,7 @@ import copy
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
@@ -48,8 +48,11 @@ def is_openai_error(payload: Any) -> bool:
     return isinstance(error, dict) and set(error) == {"message", "type", "param", "code"} and bool(error["message"])
 
 
-def one_chat(client: httpx.Client, model: str, stream: bool) -> tuple[int, str, str]:
-    """(status, kind, detail) of one chat."""
+def one_chat(
+    client: httpx.Client, model: str, stream: bool, generating: Callable[[bool], None] = lambda _: None
+) -> tuple[int, str, str]:
+    """(status, kind, detail) of one chat; a stream calls `generating(True)` at its first token and
+    `generating(False)` when it ends."""
     body = {"model": model, "messages": [{"role": "user", "content": "Olá! Fala-me do Porto."}],
             "max_tokens": 48, "temperature": 0.8, "stream": stream}  # fmt: skip
     if not stream:
@@ -69,9 +72,15 @@ def one_chat(client: httpx.Client, model: str, stream: bool) -> tuple[int, str, 
             )
             return reply.status_code, "error_status" if shaped else "broken", reply.text[:200]
         last = ""
-        for line in reply.iter_lines():
-            if line.startswith("data: "):
-                last = line[6:]
+        try:
+            for line in reply.iter_lines():
+                if line.startswith("data: "):
+                    if not last:
+                        generating(True)
+                    last = line[6:]
+        finally:
+            if last:
+                generating(False)
     if last == "[DONE]":
         return 200, "ok", ""
     try:
@@ -87,6 +96,7 @@ class SteadyLoad:
         self.base_url, self.model = base_url, model
         self.outcomes: list[Outcome] = []
         self.lock = threading.Lock()
+        self.streams_generating = 0  # streams that have their first token and not their last: inside a replica
         self.stopping = threading.Event()
         self.threads = [threading.Thread(target=self._client, args=(i,), daemon=True) for i in range(clients)]
 
@@ -98,7 +108,7 @@ class SteadyLoad:
                 count += 1
                 started = time.monotonic()
                 try:
-                    status, kind, detail = one_chat(client, self.model, stream)
+                    status, kind, detail = one_chat(client, self.model, stream, self._generating)
                 except httpx.TimeoutException as exc:
                     status, kind, detail = 0, "hung", repr(exc)
                 except httpx.HTTPError as exc:
@@ -115,6 +125,17 @@ class SteadyLoad:
         self.stopping.set()
         for thread in self.threads:
             thread.join(CLIENT_TIMEOUT_S + 10)
+
+    def _generating(self, started: bool) -> None:
+        with self.lock:
+            self.streams_generating += 1 if started else -1
+
+    def wait_for_a_stream_generating(self, bound_s: float) -> None:
+        """Block until a stream is between its first and last token: its replica is generating it right now."""
+        deadline = time.monotonic() + bound_s
+        while not self.streams_generating:
+            assert time.monotonic() < deadline, f"no stream was generating within {bound_s:.0f} s"
+            time.sleep(0.002)
 
     def wait_for_ok(self, count: int, started_after: float, bound_s: float) -> float:
         """Block until `count` requests that started after `started_after` succeeded; the time of the first."""
@@ -163,6 +184,9 @@ def test_killed_variant_replica_ends_requests_in_flight_with_openai_errors_and_r
     (replica,) = replica_processes("amalia-sft", "amalia-sft")
     with SteadyLoad(served.base_url, "amalia-sft") as load:
         load.wait_for_ok(3, 0, 60)
+        # A request not yet in the replica (still in the proxy or the ingress) waits for the replacement and
+        # succeeds (seen: all 3 in flight did); kill while a stream is being generated, so one surely ends.
+        load.wait_for_a_stream_generating(30)
         killed_at = time.monotonic()
         replica.kill()  # SIGKILL: no drain, no cleanup
         recovered_at = load.wait_for_ok(1, killed_at, RECOVERY_BOUND_S)
